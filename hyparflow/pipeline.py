@@ -1,0 +1,264 @@
+"""Pipeline schedules and the per-rank stage executor.
+
+A step splits this replica's share of the global batch into micro-batches. Each stage
+runs forwards and backwards in the order its schedule gives (GPipe: all forwards, then
+all backwards; 1F1B: warm-up forwards, then one forward one backward), receiving
+boundary activations from earlier stages and partial errors from later ones, and
+accumulating its variables' gradients. After the last backward the accumulated
+gradients are summed across replicas in one fused buffer and applied by the user's
+optimizer to this stage's variables only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from hyparflow.comm import Grid, Transport
+from hyparflow.errors import ConfigError
+from hyparflow.failures import phase
+from hyparflow.objective import Objective
+from hyparflow.partition import Plan
+
+log = logging.getLogger("hyparflow")
+
+SCHEDULES = ("1f1b", "gpipe")
+FORWARD, BACKWARD = "F", "B"
+
+
+def schedule(kind: str, num_stages: int, stage: int, num_micro: int) -> list[tuple[str, int]]:
+    """The (op, micro-batch) sequence one stage runs in a training step."""
+    if kind == "gpipe":
+        return [(FORWARD, m) for m in range(num_micro)] + [(BACKWARD, m) for m in range(num_micro)]
+    if kind != "1f1b":
+        raise ConfigError(f"schedule={kind!r}: expected one of {SCHEDULES}.")
+    warmup = min(num_stages - stage - 1, num_micro)
+    ops = [(FORWARD, m) for m in range(warmup)]
+    for f in range(warmup, num_micro):
+        ops += [(FORWARD, f), (BACKWARD, f - warmup)]
+    ops += [(BACKWARD, b) for b in range(num_micro - warmup, num_micro)]
+    return ops
+
+
+@dataclass
+class MicroBatch:
+    """What one stage reads from the data for one micro-batch (NumPy arrays)."""
+
+    size: int
+    inputs: list[np.ndarray]  # the stage's model inputs, in stage.data_inputs order
+    targets: list[np.ndarray]  # for the stage's model outputs, in stage.model_outputs order
+    weights: list[np.ndarray]  # sample weights, likewise
+
+
+@dataclass
+class StepNorm:
+    """Normalisers that make micro-batch losses add up to the global-batch loss."""
+
+    divisors: np.ndarray  # per model output: global sample count, or sum of sample weights
+    reg_scale: float  # 1 / micro-batches run by all replicas of a stage this step
+
+
+def np_dtype(name: str) -> np.dtype:
+    return np.dtype(tf.as_dtype(name).as_numpy_dtype)
+
+
+class StageRunner:
+    """Runs this rank's stage: training steps, forward-only passes, state transfers."""
+
+    def __init__(self, plan: Plan, grid: Grid, objective: Objective, optimizer, schedule_kind: str = "1f1b"):
+        self.plan, self.grid, self.objective, self.optimizer = plan, grid, objective, optimizer
+        self.net = Transport(grid)
+        self.stage = st = plan.stages[grid.stage]
+        self.schedule_kind = schedule_kind
+        schedule(schedule_kind, 1, 0, 1)  # validates the name
+        tensors = plan.graph.tensors
+        for t in st.recv + [t for t, _ in st.send]:
+            if any(d is None for d in tensors[t].shape):
+                raise ConfigError(
+                    f"Boundary tensor '{tensors[t].name}' has shape {tensors[t].shape} with unknown dimensions; "
+                    "give the model's Input layers full shapes, or choose cuts (balance=[...]) that avoid it."
+                )
+        self.tag = {t: 2 * i for i, t in enumerate(plan.boundary)}
+        self.src = {t: plan.stage_of_call[tensors[t].producer] for t in st.recv}
+        self.send_ids = list(dict.fromkeys(t for t, _ in st.send))
+        self.dests = {t: [d for u, d in st.send if u == t] for t in self.send_ids}
+        self.recv_float = [t for t in st.recv if tensors[t].is_float]
+        self.send_float = [t for t in self.send_ids if tensors[t].is_float]
+        self.variables = st.trainable_variables
+        self.fused = not self.send_float
+        self.acc = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in self.variables]
+        self.timers = {"compute": 0.0, "wait": 0.0, "allreduce": 0.0}
+        self._build_functions()
+
+    # ---- compiled pieces -------------------------------------------------------
+    def _build_functions(self):
+        st, obj = self.stage, self.objective
+        data_ids = list(st.data_inputs)  # model input position i is tensor index i
+
+        def forward(recv_vals, data_vals, ys, sws, divisors, reg_scale, training):
+            feeds = dict(zip(st.recv, recv_vals))
+            feeds.update(zip(data_ids, data_vals))
+            out = st.forward(feeds, training=training)
+            preds = [out[t] for t in st.output_tensors]
+            loss, per_output = obj.stage_loss(st.model_outputs, ys, preds, sws, divisors)
+            reg = obj.regularization(st.losses) * reg_scale
+            obj.update_metrics(st.model_outputs, ys, preds, sws)
+            return [out[t] for t in self.send_ids], loss + reg, per_output, preds
+
+        def train_forward(recv_vals, data_vals, ys, sws, divisors, reg_scale):
+            sends, loss, per_output, _ = forward(recv_vals, data_vals, ys, sws, divisors, reg_scale, True)
+            return sends, loss, per_output
+
+        def fused_step(recv_vals, data_vals, ys, sws, divisors, reg_scale):
+            float_in = [v for t, v in zip(st.recv, recv_vals) if t in self.recv_float]
+            with tf.GradientTape() as tape:
+                tape.watch(float_in)
+                sends, loss, per_output = train_forward(recv_vals, data_vals, ys, sws, divisors, reg_scale)
+            grads = tape.gradient(loss, self.variables + float_in, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            accumulate(grads[: len(self.variables)])
+            return sends, grads[len(self.variables):], loss, per_output
+
+        def accumulate(grads):
+            for a, g in zip(self.acc, grads):
+                a.assign_add(tf.cast(g, a.dtype))
+
+        def flat_grads():
+            if not self.acc:
+                return tf.zeros([0], tf.float32)
+            return tf.concat([tf.reshape(tf.cast(a, tf.float32), [-1]) for a in self.acc], 0)
+
+        def apply(flat):
+            sizes = [int(np.prod(v.shape)) for v in self.variables]
+            parts = tf.split(flat, sizes) if sizes else []
+            grads = [tf.cast(tf.reshape(p, v.shape), v.dtype) for p, v in zip(parts, self.variables)]
+            self.optimizer.apply(grads, self.variables)
+            for a in self.acc:
+                a.assign(tf.zeros_like(a))
+
+        def infer(recv_vals, data_vals, ys, sws, divisors):
+            sends, loss, per_output, preds = forward(recv_vals, data_vals, ys, sws, divisors, 0.0, False)
+            return sends, loss, per_output, preds
+
+        self._train_forward = tf.function(train_forward)
+        self._fused_step = tf.function(fused_step)
+        self._accumulate = tf.function(accumulate)
+        self._flat_grads = tf.function(flat_grads)
+        self._apply = tf.function(apply)
+        self._infer = tf.function(infer)
+
+    # ---- transport helpers -----------------------------------------------------
+    def _post_recvs(self, sizes: Sequence[int], tensors: list[int], peer_of, tag_offset: int):
+        """Pre-post receives for every micro-batch: {(m, t): (buffer, request, peer)}."""
+        info = self.plan.graph.tensors
+        posted = {}
+        for m, n in enumerate(sizes):
+            for t in tensors:
+                for peer in peer_of(t):
+                    buf = np.empty((n,) + tuple(info[t].shape), np_dtype(info[t].dtype))
+                    posted[(m, t, peer)] = (buf, self.net.irecv(buf, peer, self.tag[t] + tag_offset), peer)
+        return posted
+
+    def _take(self, posted, m: int, t: int, peer: int, what: str) -> np.ndarray:
+        buf, req, _ = posted.pop((m, t, peer))
+        t0 = time.perf_counter()
+        self.net.wait([req], what, peer)
+        self.timers["wait"] += time.perf_counter() - t0
+        return buf
+
+    def _send(self, pending: list, value, dest: int, tag: int):
+        array = value.numpy() if hasattr(value, "numpy") else value
+        pending.append((array, self.net.isend(array, dest, tag)))
+
+    def _inputs(self, posted, m: int, mb: MicroBatch):
+        recv_vals = [tf.convert_to_tensor(self._take(posted, m, t, self.src[t], f"activations of micro-batch {m}")) for t in self.stage.recv]
+        return recv_vals, [tf.convert_to_tensor(x) for x in mb.inputs], [tf.convert_to_tensor(y) for y in mb.targets], [tf.convert_to_tensor(w) for w in mb.weights]
+
+    # ---- a training step -------------------------------------------------------
+    def train_step(self, micro: list[MicroBatch], norm: StepNorm) -> tuple[float, np.ndarray]:
+        """Run the schedule over `micro`, all-reduce, apply. Returns this rank's share of
+        the step's loss, and of each output's unweighted loss."""
+        sizes = [mb.size for mb in micro]
+        fwd_posted = self._post_recvs(sizes, self.stage.recv, lambda t: [self.src[t]], 0)
+        bwd_posted = self._post_recvs(sizes, self.send_float, lambda t: self.dests[t], 1)
+        pending: list = []
+        stash: dict[int, Any] = {}
+        divisors = tf.constant(norm.divisors, tf.float32)
+        reg_scale = tf.constant(norm.reg_scale, tf.float32)
+        loss_total, parts = 0.0, np.zeros(len(self.plan.graph.output_names))
+        with phase("forward/backward"):
+            for op, m in schedule(self.schedule_kind, self.plan.num_partitions, self.grid.stage, len(micro)):
+                if op == FORWARD:
+                    args = self._inputs(fwd_posted, m, micro[m])
+                    t0 = time.perf_counter()
+                    if self.fused:
+                        sends, in_grads, loss, per_output = self._fused_step(*args, divisors, reg_scale)
+                        stash[m] = in_grads
+                    else:
+                        tape = tf.GradientTape()
+                        with tape:
+                            float_in = [v for t, v in zip(self.stage.recv, args[0]) if t in self.recv_float]
+                            tape.watch(float_in)
+                            sends, loss, per_output = self._train_forward(*args, divisors, reg_scale)
+                        stash[m] = (tape, float_in, loss, [s for t, s in zip(self.send_ids, sends) if t in self.send_float])
+                    self.timers["compute"] += time.perf_counter() - t0
+                    loss_total += float(loss)
+                    parts[self.stage.model_outputs] += [float(p) for p in per_output]
+                    for t, value in zip(self.send_ids, sends):
+                        for d in self.dests[t]:
+                            self._send(pending, value, d, self.tag[t])
+                else:
+                    if self.fused:
+                        in_grads = stash.pop(m)
+                    else:
+                        tape, float_in, loss, float_out = stash.pop(m)
+                        out_grads = []
+                        for t in self.send_float:
+                            pieces = [self._take(bwd_posted, m, t, d, f"gradients of micro-batch {m}") for d in self.dests[t]]
+                            out_grads.append(tf.convert_to_tensor(pieces[0] if len(pieces) == 1 else np.sum(pieces, axis=0)))
+                        t0 = time.perf_counter()
+                        grads = tape.gradient(
+                            [loss] + float_out,
+                            self.variables + float_in,
+                            output_gradients=[tf.ones_like(loss)] + out_grads,
+                            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                        )
+                        self._accumulate(grads[: len(self.variables)])
+                        in_grads = grads[len(self.variables):]
+                        self.timers["compute"] += time.perf_counter() - t0
+                    for t, g in zip(self.recv_float, in_grads):
+                        self._send(pending, g, self.src[t], self.tag[t] + 1)
+            self.net.wait([r for _, r in pending], "sends to neighbouring stages")
+        with phase("allreduce"):
+            t0 = time.perf_counter()
+            flat = self._flat_grads().numpy()
+            summed = np.empty_like(flat)
+            self.net.allreduce_sum(self.grid.data, flat, summed, "gradient allreduce")
+            self.timers["allreduce"] += time.perf_counter() - t0
+        with phase("optimizer"):
+            if self.variables:
+                self._apply(tf.convert_to_tensor(summed))
+        return loss_total, parts
+
+    # ---- forward only ----------------------------------------------------------
+    def infer(self, micro: list[MicroBatch], norm: StepNorm) -> tuple[float, np.ndarray, list[list[Any]]]:
+        """Forward passes for evaluate/predict: (loss share, per-output shares, outputs per micro-batch)."""
+        posted = self._post_recvs([mb.size for mb in micro], self.stage.recv, lambda t: [self.src[t]], 0)
+        pending: list = []
+        divisors = tf.constant(norm.divisors, tf.float32)
+        loss_total, parts, outputs = 0.0, np.zeros(len(self.plan.graph.output_names)), []
+        with phase("forward"):
+            for m, mb in enumerate(micro):
+                sends, loss, per_output, preds = self._infer(*self._inputs(posted, m, mb), divisors)
+                loss_total += float(loss)
+                parts[self.stage.model_outputs] += [float(p) for p in per_output]
+                outputs.append(preds)
+                for t, value in zip(self.send_ids, sends):
+                    for d in self.dests[t]:
+                        self._send(pending, value, d, self.tag[t])
+            self.net.wait([r for _, r in pending], "sends to neighbouring stages")
+        return loss_total, parts, outputs

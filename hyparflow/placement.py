@@ -1,0 +1,141 @@
+"""Placement: which node each rank is on, which (replica, stage) it plays, and how many
+threads it may use.
+
+The default policy ("pipeline") fills nodes with whole replicas: ranks sorted by
+(node, local rank) take stages 0..P-1 of replica 0, then of replica 1, and so on, so a
+replica's stages share a node whenever P divides the ranks on it (activations cross
+stage boundaries every micro-batch; the gradient allreduce crosses nodes once a step).
+"replica" puts the replicas of a stage next to each other instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+from hyparflow.errors import ConfigError
+
+log = logging.getLogger("hyparflow")
+POLICIES = ("pipeline", "replica")
+
+_LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "PMI_LOCAL_SIZE")
+_LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "PMI_LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one rank runs."""
+
+    rank: int
+    node: int  # index of its node, in order of first appearance
+    host: str
+    local_rank: int
+    cores: tuple[int, ...]  # cores it may use (empty: not bound)
+
+
+def assign(slots: Sequence[Slot], num_partitions: int, num_replicas: int, policy: str = "pipeline") -> list[tuple[int, int]]:
+    """(replica, stage) for each rank. Pure: testable with synthetic node layouts."""
+    if policy not in POLICIES:
+        raise ConfigError(f"placement policy {policy!r}: expected one of {POLICIES}.")
+    if len(slots) != num_partitions * num_replicas:
+        raise ConfigError(
+            f"The job has {len(slots)} ranks but num_partitions x num_replicas = {num_partitions} x {num_replicas} = "
+            f"{num_partitions * num_replicas}; launch with -np {num_partitions * num_replicas} or change the grid."
+        )
+    order = sorted(slots, key=lambda s: (s.node, s.local_rank, s.rank))
+    out: list[tuple[int, int]] = [(0, 0)] * len(slots)
+    for i, s in enumerate(order):
+        if policy == "pipeline":
+            out[s.rank] = (i // num_partitions, i % num_partitions)
+        else:
+            out[s.rank] = (i % num_replicas, i // num_replicas)
+    return out
+
+
+def split_cores(num_cores: int, local_size: int, local_rank: int) -> tuple[int, ...]:
+    """A disjoint, contiguous share of a node's cores for one of its ranks."""
+    if local_size >= num_cores:
+        return (local_rank % num_cores,)
+    base, extra = divmod(num_cores, local_size)
+    start = local_rank * base + min(local_rank, extra)
+    return tuple(range(start, start + base + (1 if local_rank < extra else 0)))
+
+
+def node_cores() -> int:
+    """Cores this process may run on (HYPARFLOW_NODE_CORES overrides)."""
+    if os.environ.get("HYPARFLOW_NODE_CORES"):
+        return int(os.environ["HYPARFLOW_NODE_CORES"])
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _env_int(names: Sequence[str]) -> int | None:
+    for n in names:
+        v = os.environ.get(n, "")
+        if v.split("(")[0].isdigit():
+            return int(v.split("(")[0])
+    return None
+
+
+def configure_threads(bind: bool = False) -> int:
+    """Give this rank its share of the node's cores before TensorFlow starts.
+
+    Reads the launcher's local size/rank from the environment (Open MPI, MPICH, MVAPICH,
+    SLURM), so it needs no MPI call. Respects values the user already set. Returns the
+    threads per rank.
+    """
+    local_size = _env_int(_LOCAL_SIZE_VARS) or 1
+    local_rank = _env_int(_LOCAL_RANK_VARS) or 0
+    cores = node_cores()
+    mine = split_cores(cores, local_size, local_rank)
+    threads = str(len(mine))
+    for var in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS"):
+        os.environ.setdefault(var, threads)
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1" if local_size > 1 else "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if bind or os.environ.get("HYPARFLOW_BIND") == "1":
+        try:
+            allowed = sorted(os.sched_getaffinity(0))
+            os.sched_setaffinity(0, {allowed[c % len(allowed)] for c in mine})
+        except (AttributeError, OSError) as e:
+            log.warning("could not bind to cores %s: %s", mine, e)
+    if "tensorflow" in sys.modules:
+        import tensorflow as tf
+
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(int(os.environ["TF_NUM_INTRAOP_THREADS"]))
+            tf.config.threading.set_inter_op_parallelism_threads(int(os.environ["TF_NUM_INTEROP_THREADS"]))
+        except RuntimeError:
+            pass  # TensorFlow already initialised: the environment variables above did not reach it
+    return int(os.environ["TF_NUM_INTRAOP_THREADS"])
+
+
+def discover(world) -> list[Slot]:
+    """Every rank's node, host and core share (collective over `world`)."""
+    from mpi4py import MPI
+
+    node_comm = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
+    local_rank, local_size = node_comm.Get_rank(), node_comm.Get_size()
+    leader = world.Get_rank() if local_rank == 0 else -1
+    leader = node_comm.allreduce(leader, op=MPI.MAX)
+    node_comm.Free()
+    host = socket.gethostname()
+    cores = split_cores(node_cores(), local_size, local_rank)
+    rows = world.allgather((leader, host, local_rank, cores))
+    leaders = sorted({r[0] for r in rows})
+    return [Slot(rank=i, node=leaders.index(r[0]), host=r[1], local_rank=r[2], cores=tuple(r[3])) for i, r in enumerate(rows)]
+
+
+def describe(slots: Sequence[Slot], assignment: Sequence[tuple[int, int]]) -> str:
+    """The rank map, one line a rank."""
+    lines = [f"{'rank':>4}  {'host':<20} {'node':>4} {'cores':<12} replica stage"]
+    for s, (rep, st) in zip(slots, assignment):
+        cores = f"{s.cores[0]}-{s.cores[-1]}" if len(s.cores) > 1 else str(s.cores[0]) if s.cores else "-"
+        lines.append(f"{s.rank:>4}  {s.host[:20]:<20} {s.node:>4} {cores:<12} {rep:>7} {st:>5}")
+    return "\n".join(lines)

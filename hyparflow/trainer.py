@@ -1,0 +1,450 @@
+"""`hyparflow.fit`, `evaluate` and `predict`: Keras's calls, run across a grid of
+`num_replicas x num_partitions` MPI ranks.
+
+Every rank holds the same compiled model and the same data; each reads only its
+replica's slice of every global batch and only the inputs and targets its stage needs.
+Batches are cut identically on every rank from a seeded permutation, so no rank ever
+waits for a step another rank does not run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+from mpi4py import MPI
+
+from hyparflow import placement
+from hyparflow.checkpoint import broadcast_variables, gather_stages
+from hyparflow.comm import Grid, make_grid
+from hyparflow.errors import ConfigError
+from hyparflow.failures import distributed, install_excepthook, phase, state
+from hyparflow.graph import ModelGraph
+from hyparflow.objective import Objective
+from hyparflow.partition import Plan, plan as make_plan
+from hyparflow.pipeline import SCHEDULES, MicroBatch, StageRunner, StepNorm
+
+log = logging.getLogger("hyparflow")
+
+# Callbacks that write files or print: only rank 0 runs them.
+RANK0_CALLBACKS = (keras.callbacks.ModelCheckpoint, keras.callbacks.CSVLogger, keras.callbacks.TensorBoard, keras.callbacks.ProgbarLogger)
+
+
+# ---- data ------------------------------------------------------------------------
+def _as_list(data, names: list[str], what: str, allow_none: bool = False) -> list[np.ndarray | None]:
+    """Normalise x / y / sample_weight (array, list or dict by name) to one entry per name."""
+    if data is None:
+        if allow_none:
+            return [None] * len(names)
+        raise ConfigError(f"{what} is missing.")
+    if isinstance(data, dict):
+        unknown = set(data) - set(names)
+        if unknown:
+            raise ConfigError(f"{what} has keys {sorted(unknown)} that match none of the model's names {names}.")
+        missing = [n for n in names if n not in data]
+        if missing and not allow_none:
+            raise ConfigError(f"{what} lacks entries for {missing}.")
+        items = [data.get(n) for n in names]
+    elif isinstance(data, (list, tuple)):
+        if len(data) != len(names):
+            raise ConfigError(f"{what} has {len(data)} arrays but the model has {len(names)} ({names}).")
+        items = list(data)
+    else:
+        items = [data] * len(names) if what == "sample_weight" else [data] if len(names) == 1 else None
+        if items is None:
+            raise ConfigError(f"{what} is a single array but the model has {len(names)} of them ({names}); pass a list or a dict.")
+    return [None if a is None else np.asarray(a) for a in items]
+
+
+@dataclass
+class Data:
+    """Arrays aligned to the model's inputs and outputs."""
+
+    x: list[np.ndarray]
+    y: list[np.ndarray | None]
+    sw: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.x[0])
+
+    def take(self, idx: np.ndarray) -> "Data":
+        return Data([a[idx] for a in self.x], [None if a is None else a[idx] for a in self.y], [a[idx] for a in self.sw])
+
+
+def _prepare(graph: ModelGraph, x, y, sample_weight, class_weight, with_targets: bool) -> Data:
+    xs = _as_list(x, graph.input_names, "x")
+    ys = _as_list(y, graph.output_names, "y", allow_none=not with_targets) if with_targets or y is not None else [None] * len(graph.output_names)
+    sws = _as_list(sample_weight, graph.output_names, "sample_weight", allow_none=True)
+    n = len(xs[0])
+    if n == 0:
+        raise ConfigError("x is empty: there is nothing to train on.")
+    for name, a, t in zip(graph.input_names, xs, graph.functional.inputs):
+        _check_shape(f"input '{name}'", a, t.shape, n)
+        if not np.issubdtype(a.dtype, np.number) and a.dtype != bool:
+            raise ConfigError(f"input '{name}' has dtype {a.dtype}; hyparflow feeds numeric arrays.")
+    for name, a in zip(graph.output_names, ys):
+        if a is not None and len(a) != n:
+            raise ConfigError(f"y for output '{name}' has {len(a)} samples but x has {n}.")
+    for name, a in zip(graph.output_names, sws):
+        if a is not None and (a.ndim < 1 or len(a) != n):
+            raise ConfigError(f"sample_weight for output '{name}' has shape {a.shape}; expected ({n},).")
+    if class_weight is not None:
+        if len(graph.output_names) != 1:
+            raise ConfigError("class_weight works for single-output models only (as in Keras); use sample_weight per output.")
+        labels = ys[0].reshape(n, -1)
+        labels = labels.argmax(axis=1) if labels.shape[1] > 1 else labels[:, 0].round().astype(int)
+        missing = sorted(set(np.unique(labels).tolist()) - set(class_weight))
+        if missing:
+            raise ConfigError(f"class_weight has no weight for classes {missing}.")
+        cw = np.array([class_weight[int(c)] for c in labels], np.float32)
+        sws = [cw if s is None else s * cw for s in sws]
+    sws = [np.ones(n, np.float32) if s is None else s.astype(np.float32) for s in sws]
+    return Data(xs, ys, sws)
+
+
+def _check_shape(what: str, array: np.ndarray, spec, n: int) -> None:
+    expected = tuple(spec[1:])
+    got = array.shape[1:]
+    if len(array) != n:
+        raise ConfigError(f"{what} has {len(array)} samples, other inputs have {n}.")
+    if len(got) != len(expected) or any(e is not None and e != g for e, g in zip(expected, got)):
+        raise ConfigError(f"{what} has per-sample shape {got} but the model expects {expected}.")
+
+
+# ---- the distributed session -------------------------------------------------------
+class Session:
+    """A model planned and placed on the job's ranks, ready to run steps."""
+
+    def __init__(self, model, num_partitions: int, num_replicas: int | None, num_microbatches: int, schedule: str, balance, memory_limit, placement_policy: str, comm=None):
+        self.world = comm if comm is not None else MPI.COMM_WORLD
+        install_excepthook()
+        size = self.world.Get_size()
+        if not isinstance(num_partitions, int) or num_partitions < 1:
+            raise ConfigError(f"num_partitions must be a positive integer, got {num_partitions!r}.")
+        if num_replicas is None:
+            if size % num_partitions:
+                raise ConfigError(f"The job has {size} ranks, not a multiple of num_partitions={num_partitions}; launch with -np k*{num_partitions}.")
+            num_replicas = size // num_partitions
+        if not isinstance(num_microbatches, int) or num_microbatches < 1:
+            raise ConfigError(f"num_microbatches must be a positive integer, got {num_microbatches!r}.")
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"schedule={schedule!r}: expected one of {SCHEDULES}.")
+        if size != num_partitions * num_replicas:
+            raise ConfigError(
+                f"The job has {size} ranks but num_partitions x num_replicas = {num_partitions} x {num_replicas} = "
+                f"{num_partitions * num_replicas}; launch with -np {num_partitions * num_replicas} or change the grid."
+            )
+        self.model = model
+        self.P, self.R, self.M = num_partitions, num_replicas, num_microbatches
+        with phase("plan"):
+            graph = ModelGraph(model)
+            self._check_same_everywhere("model", _model_fingerprint(graph))
+            # Rank 0 plans (a "time" balance measures, which differs between ranks); all follow.
+            starts = None
+            if self.world.Get_rank() == 0:
+                try:
+                    starts = make_plan(model, num_partitions, balance, memory_limit).starts
+                except ConfigError as e:
+                    starts = e
+            starts = self.world.bcast(starts, root=0)
+            if isinstance(starts, ConfigError):
+                raise ConfigError(str(starts))
+            self.plan = Plan(graph, starts, balance if isinstance(balance, str) else "explicit")
+            self._check_same_everywhere("plan", self.plan.fingerprint)
+        with phase("placement"):
+            slots = placement.discover(self.world)
+            assignment = placement.assign(slots, num_partitions, num_replicas, placement_policy)
+            self.grid: Grid = make_grid(self.world, assignment, num_partitions, num_replicas)
+            state.where = self.grid.where()
+            if self.world.Get_rank() == 0:
+                log.info("rank map (P=%d x R=%d, M=%d, %s):\n%s", self.P, self.R, self.M, schedule, placement.describe(slots, assignment))
+        self.schedule = schedule
+        self.stage = self.plan.stages[self.grid.stage]
+        self.runner: StageRunner | None = None
+        self.objective: Objective | None = None
+
+    def _check_same_everywhere(self, what: str, value: str) -> None:
+        values = self.world.allgather(value)
+        if len(set(values)) > 1:
+            odd = [r for r, v in enumerate(values) if v != values[0]]
+            raise ConfigError(
+                f"The {what} differs between ranks (ranks {odd} differ from rank 0): every rank must build the same "
+                "model with the same layer names and shapes (build it the same way on every rank, with fixed names or seeds)."
+            )
+
+    def start(self, data: Data) -> StageRunner:
+        if self.runner is None:
+            specs = [self.plan.graph.tensors[t].ref for t in self.plan.graph.output_tensors]
+            self.objective = Objective(self.model, self.plan.graph.output_names, [None if y is None else y[:2] for y in data.y], specs)
+            self.runner = StageRunner(self.plan, self.grid, self.objective, self.model.optimizer, self.schedule)
+        return self.runner
+
+    # ---- batches -------------------------------------------------------------
+    def micro_batches(self, data: Data, idx: np.ndarray) -> tuple[list[MicroBatch], StepNorm]:
+        """This rank's micro-batches of global batch `idx`, and the step's normalisers."""
+        shares = np.array_split(idx, self.R)
+        mine = shares[self.grid.replica]
+        parts = np.array_split(mine, min(self.M, len(mine))) if len(mine) else []
+        st = self.stage
+        micro = [
+            MicroBatch(
+                size=len(p),
+                inputs=[data.x[i][p] for i in st.data_inputs],
+                targets=[np.zeros(len(p), np.float32) if data.y[o] is None else data.y[o][p] for o in st.model_outputs],
+                weights=[data.sw[o][p] for o in st.model_outputs],
+            )
+            for p in parts
+        ]
+        kinds = self.objective.divisor_kinds
+        divisors = np.array(
+            [len(idx) if k == "count" else float(data.sw[o][idx].sum()) if k == "weights" else 1.0 for o, k in enumerate(kinds)],
+            np.float32,
+        )
+        total_micro = sum(min(self.M, len(s)) for s in shares)
+        return micro, StepNorm(divisors, 1.0 / max(total_micro, 1))
+
+    # ---- logs ----------------------------------------------------------------
+    def logs(self, loss_sum: float, parts_sum: np.ndarray, seen: int, stop: bool, prefix: str = "") -> tuple[dict[str, float], bool]:
+        """Aggregate loss and metric states over the world (one Allreduce); equal on every rank."""
+        obj = self.objective
+        local = np.concatenate([[loss_sum, float(stop)], parts_sum, obj.metric_state(self.stage.model_outputs)])
+        total = np.empty_like(local)
+        with phase("log aggregation"):
+            self.world.Allreduce(local, total, op=MPI.SUM)
+        logs = {f"{prefix}loss": total[0] / max(seen, 1)}
+        nout = len(parts_sum)
+        if nout > 1:
+            for name, v in zip(obj.names, total[2:2 + nout]):
+                logs[f"{prefix}{name}_loss"] = v / max(seen, 1)
+        for k, v in obj.metric_results(total[2 + nout:]).items():
+            logs[prefix + k] = v
+        return {k: float(v) for k, v in logs.items()}, bool(total[1] > 0)
+
+    def run_epoch(self, data: Data, batch_size: int, order: np.ndarray, train: bool, on_batch=None, prefix: str = ""):
+        """One pass over `order` in global batches; returns the aggregated logs."""
+        runner = self.runner
+        self.objective.reset_metrics()
+        nout = len(self.plan.graph.output_names)
+        loss_sum, parts_sum, seen = 0.0, np.zeros(nout), 0
+        logs: dict[str, float] = {}
+        steps = -(-len(order) // batch_size)
+        for step in range(steps):
+            idx = order[step * batch_size:(step + 1) * batch_size]
+            micro, norm = self.micro_batches(data, idx)
+            if train:
+                loss, parts = runner.train_step(micro, norm)
+            else:
+                loss, parts, _ = runner.infer(micro, norm)
+            loss_sum += loss * len(idx)
+            parts_sum += parts * len(idx)
+            seen += len(idx)
+            if on_batch is not None:
+                logs, stop = self.logs(loss_sum, parts_sum, seen, bool(self.model.stop_training), prefix)
+                if on_batch(step, logs, stop):
+                    break
+        if on_batch is None or not logs:
+            logs, _ = self.logs(loss_sum, parts_sum, seen, False, prefix)
+        return logs
+
+    def sync_state(self) -> None:
+        """Average non-trainable float state (BatchNorm statistics) across replicas."""
+        trainable = {id(v) for v in self.stage.trainable_variables}
+        state_vars = [v for v in self.stage.variables if id(v) not in trainable and "float" in str(v.dtype)]
+        if self.R == 1 or not state_vars:
+            return
+        flat = np.concatenate([np.asarray(v.numpy(), np.float64).reshape(-1) for v in state_vars])
+        out = np.empty_like(flat)
+        self.grid.data.Allreduce(flat, out, op=MPI.SUM)
+        out /= self.R
+        i = 0
+        for v in state_vars:
+            n = int(np.prod(v.shape))
+            v.assign(out[i:i + n].reshape(v.shape).astype(str(v.dtype)))
+            i += n
+
+
+def _model_fingerprint(graph: ModelGraph) -> str:
+    h = hashlib.sha256()
+    for c in graph.calls:
+        h.update(f"{c.name}|{type(c.layer).__name__}|{c.inputs}|{[tuple(w.shape) for w in c.layer.weights]}".encode())
+    return h.hexdigest()[:16]
+
+
+def _check_batch(batch_size) -> int:
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer (the global batch), got {batch_size!r}.")
+    return int(batch_size)
+
+
+# ---- public calls --------------------------------------------------------------------
+def fit(
+    model,
+    x=None,
+    y=None,
+    *,
+    batch_size: int = 32,
+    epochs: int = 1,
+    num_partitions: int = 1,
+    num_replicas: int | None = None,
+    num_microbatches: int = 1,
+    schedule: str = "1f1b",
+    balance: str | Sequence[int] | Sequence[str] | None = None,
+    memory_limit: float | None = None,
+    placement_policy: str = "pipeline",
+    shuffle: bool = True,
+    seed: int = 0,
+    verbose: str | int = "auto",
+    callbacks: Sequence[Any] | None = None,
+    validation_data=None,
+    validation_split: float = 0.0,
+    sample_weight=None,
+    class_weight: dict | None = None,
+    initial_epoch: int = 0,
+    steps_per_epoch: int | None = None,
+    gather: str = "rank0",
+    comm=None,
+) -> keras.callbacks.History:
+    """Train `model` like `model.fit`, split into `num_partitions` pipeline stages and
+    `num_replicas` data-parallel replicas (default: world size / num_partitions).
+
+    `batch_size` is the global batch. Each replica's share is cut into
+    `num_microbatches` micro-batches; batches that do not divide evenly are split as
+    evenly as possible and weighted exactly. On return, rank 0's model holds all trained
+    weights (`gather="all"`: every rank's does).
+    """
+    batch_size = _check_batch(batch_size)
+    if not isinstance(epochs, int) or epochs < 0:
+        raise ConfigError(f"epochs must be a non-negative integer, got {epochs!r}.")
+    if gather not in ("rank0", "all"):
+        raise ConfigError(f"gather={gather!r}: expected 'rank0' or 'all'.")
+    if not 0.0 <= validation_split < 1.0:
+        raise ConfigError(f"validation_split must be in [0, 1), got {validation_split}.")
+    session = Session(model, num_partitions, num_replicas, num_microbatches, schedule, balance, memory_limit, placement_policy, comm)
+    graph = session.plan.graph
+    data = _prepare(graph, x, y, sample_weight, class_weight, with_targets=True)
+    val = None
+    if validation_split:
+        cut = int(len(data) * (1.0 - validation_split))
+        if cut == 0 or cut == len(data):
+            raise ConfigError(f"validation_split={validation_split} leaves no training or no validation samples out of {len(data)}.")
+        data, val = data.take(np.arange(cut)), data.take(np.arange(cut, len(data)))
+    elif validation_data is not None:
+        if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
+            raise ConfigError("validation_data must be (x, y) or (x, y, sample_weight).")
+        vx, vy, *vsw = validation_data
+        val = _prepare(graph, vx, vy, vsw[0] if vsw else None, None, with_targets=True)
+    session.start(data)
+    world_rank = session.world.Get_rank()
+    if verbose == "auto":
+        verbose = 1
+    cbs = [cb for cb in (callbacks or []) if world_rank == 0 or not isinstance(cb, RANK0_CALLBACKS)]
+    steps = -(-len(data) // batch_size)
+    if steps_per_epoch is not None:
+        if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+            raise ConfigError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}.")
+        steps = steps_per_epoch
+    callback_list = keras.callbacks.CallbackList(
+        cbs, add_history=True, add_progbar=bool(verbose) and world_rank == 0, model=model, verbose=verbose, epochs=epochs, steps=steps
+    )
+    history = next(cb for cb in callback_list.callbacks if isinstance(cb, keras.callbacks.History))
+    needs_weights_on_rank0 = session.world.allreduce(int(any(isinstance(cb, keras.callbacks.ModelCheckpoint) for cb in cbs)), op=MPI.MAX)
+    rng_base = np.random.SeedSequence(seed)
+
+    with distributed():
+        with phase("initial weight broadcast"):
+            broadcast_variables(session.world, model.variables, root=0)
+        model.stop_training = False
+        with phase("callback on_train_begin"):
+            callback_list.on_train_begin()
+        position = 0
+        for epoch in range(initial_epoch, epochs):
+            with phase(f"callback on_epoch_begin (epoch {epoch})"):
+                callback_list.on_epoch_begin(epoch)
+            order = _epoch_order(len(data), steps * batch_size if steps_per_epoch else None, position, shuffle, rng_base, epoch)
+            position += len(order)
+
+            def on_batch(step, logs, stop):
+                with phase(f"callback on_train_batch_end (epoch {epoch}, step {step})"):
+                    callback_list.on_train_batch_end(step, logs)
+                stopping = stop or bool(model.stop_training)
+                model.stop_training = stopping
+                return stopping
+
+            logs = session.run_epoch(data, batch_size, order, train=True, on_batch=on_batch)
+            if val is not None:
+                logs.update(session.run_epoch(val, batch_size, np.arange(len(val)), train=False, prefix="val_"))
+            session.sync_state()
+            if needs_weights_on_rank0:
+                with phase("weight gather"):
+                    gather_stages(session.plan, session.grid)
+            with phase(f"callback on_epoch_end (epoch {epoch})"):
+                callback_list.on_epoch_end(epoch, logs)
+            stop = session.world.allreduce(int(bool(model.stop_training)), op=MPI.MAX)
+            model.stop_training = bool(stop)
+            if model.stop_training:
+                break
+        with phase("callback on_train_end"):
+            callback_list.on_train_end()
+        with phase("weight gather"):
+            gather_stages(session.plan, session.grid, to_all=gather == "all")
+    return history
+
+
+def _epoch_order(n: int, want: int | None, position: int, shuffle: bool, seed: np.random.SeedSequence, epoch: int) -> np.ndarray:
+    """Sample order of one epoch, identical on every rank. With `want` samples
+    (steps_per_epoch), epochs cycle through the data, each continuing where the last stopped."""
+
+    def one_pass(p: int) -> np.ndarray:
+        return np.random.default_rng([seed.entropy, p]).permutation(n) if shuffle else np.arange(n)
+
+    if want is None:
+        return one_pass(epoch)
+    first, last = position // n, (position + want - 1) // n
+    stream = np.concatenate([one_pass(p) for p in range(first, last + 1)])
+    start = position - first * n
+    return stream[start:start + want]
+
+
+def evaluate(model, x=None, y=None, *, batch_size: int = 32, num_partitions: int = 1, num_replicas: int | None = None, num_microbatches: int = 1, sample_weight=None, return_dict: bool = False, balance=None, comm=None, verbose: int | str = 0):
+    """`model.evaluate` across the grid: the loss (and metrics), equal on every rank."""
+    batch_size = _check_batch(batch_size)
+    session = Session(model, num_partitions, num_replicas, num_microbatches, "1f1b", balance, None, "pipeline", comm)
+    data = _prepare(session.plan.graph, x, y, sample_weight, None, with_targets=True)
+    session.start(data)
+    with distributed():
+        broadcast_variables(session.world, model.variables, root=0)
+        logs = session.run_epoch(data, batch_size, np.arange(len(data)), train=False)
+    if return_dict:
+        return logs
+    values = list(logs.values())
+    return values[0] if len(values) == 1 else values
+
+
+def predict(model, x, *, batch_size: int = 32, num_partitions: int = 1, num_replicas: int | None = None, num_microbatches: int = 1, balance=None, comm=None, verbose: int | str = 0):
+    """`model.predict` across the grid; every rank returns the full predictions."""
+    batch_size = _check_batch(batch_size)
+    session = Session(model, num_partitions, num_replicas, num_microbatches, "1f1b", balance, None, "pipeline", comm)
+    graph = session.plan.graph
+    data = _prepare(graph, x, None, None, None, with_targets=False)
+    runner = session.start(data)
+    n = len(data)
+    specs = [graph.tensors[t] for t in graph.output_tensors]
+    results = [np.zeros((n,) + tuple(s.shape), np.float64) for s in specs]
+    with distributed():
+        broadcast_variables(session.world, model.variables, root=0)
+        for step in range(-(-n // batch_size)):
+            idx = np.arange(step * batch_size, min((step + 1) * batch_size, n))
+            micro, norm = session.micro_batches(data, idx)
+            _, _, outs = runner.infer(micro, norm)
+            rows = np.array_split(np.array_split(idx, session.R)[session.grid.replica], max(len(micro), 1))
+            for part, preds in zip(rows, outs):
+                for pos, p in zip(session.stage.model_outputs, preds):
+                    results[pos][part] = np.asarray(p)
+        for r in results:
+            session.world.Allreduce(MPI.IN_PLACE, r, op=MPI.SUM)
+    out = [r.astype(np.dtype(s.dtype) if "float" in s.dtype else r.dtype) for r, s in zip(results, specs)]
+    return out[0] if len(out) == 1 else out
