@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from hyparflow.comm import Grid
+from hyparflow.errors import ConfigError
 from hyparflow.partition import Plan
 
 
@@ -87,3 +88,134 @@ def atomic_write(path: str, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+# ---- optimizer state, independent of the layout ---------------------------------------
+def _keyed(optimizer, model) -> list[tuple[tuple, Any]]:
+    """Optimizer variables keyed by (model trainable-variable index, slot name), or
+    ("optimizer", name) for the rest (iterations, learning rate): the same keys whatever
+    subset of the model the optimizer was built for. Keras names a slot
+    f"{variable.path with '/' -> '_'}_{slot}"; the longest matching prefix wins."""
+    if optimizer is None or not getattr(optimizer, "built", False):
+        return []
+    prefixes = sorted(((v.path.replace("/", "_"), i) for i, v in enumerate(model.trainable_variables)), key=lambda p: -len(p[0]))
+    out = []
+    for var in optimizer.variables:
+        key: tuple = ("optimizer", var.name)
+        for prefix, i in prefixes:
+            if var.name.startswith(prefix + "_"):
+                key = (i, var.name[len(prefix) + 1:])
+                break
+        out.append((key, var))
+    return out
+
+
+def optimizer_state(optimizer, model) -> dict[tuple, np.ndarray]:
+    """The optimizer's state as {key: array} (see `_keyed`)."""
+    return {key: var.numpy() for key, var in _keyed(optimizer, model)}
+
+
+def restore_optimizer_state(optimizer, model, variables: Sequence[Any], state: dict[tuple, np.ndarray]) -> int:
+    """Build `optimizer` for `variables` (a subset of the model's) if needed and load the
+    matching entries of `state`. Returns how many optimizer variables were restored."""
+    if not getattr(optimizer, "built", False):
+        optimizer.build(list(variables))
+    restored = 0
+    for key, var in _keyed(optimizer, model):
+        if key in state and tuple(state[key].shape) == tuple(var.shape):
+            var.assign(state[key])
+            restored += 1
+    return restored
+
+
+# ---- whole-model checkpoints ---------------------------------------------------------
+def save(model, path: str, comm=None) -> None:
+    """Write one standard `.keras` file of the whole model, optimizer state included.
+
+    Collective: every rank contributes the optimizer state of its stage; world rank 0,
+    which holds the gathered weights after `hyparflow.fit`, writes the file atomically.
+    Loadable with `keras.models.load_model` and resumable under any layout.
+    """
+    from mpi4py import MPI
+
+    comm = comm if comm is not None else MPI.COMM_WORLD
+    if not str(path).endswith(".keras"):
+        raise ConfigError(f"checkpoint path {path} must end in .keras")
+    states = comm.gather(optimizer_state(model.optimizer, model), root=0)
+    error = None
+    if comm.Get_rank() == 0:
+        try:
+            merged = {k: v for s in states for k, v in s.items()}
+            _write(model, path, merged)
+        except Exception as e:  # reported on every rank below
+            error = f"{type(e).__name__}: {e}"
+    error = comm.bcast(error, root=0)
+    if error:
+        raise RuntimeError(f"checkpoint {path} could not be written by rank 0: {error}")
+
+
+def _write(model, path: str, state: dict) -> None:
+    own = model.optimizer
+    full = None
+    if state and own is not None:
+        full = own.__class__.from_config(own.get_config())
+        restore_optimizer_state(full, model, model.trainable_variables, state)
+        model.optimizer = full
+    try:
+        atomic_write(path, model.save)
+    finally:
+        if full is not None:
+            model.optimizer = own
+
+
+def load(model, path: str) -> dict[tuple, np.ndarray]:
+    """Load a checkpoint's weights into `model`; returns its optimizer state (see
+    `optimizer_state`) for `restore_optimizer_state`. Missing, truncated or foreign
+    files raise ConfigError."""
+    import keras
+
+    if not os.path.exists(path):
+        raise ConfigError(f"checkpoint {path} does not exist.")
+    try:
+        loaded = keras.saving.load_model(path, safe_mode=True)
+    except Exception as e:
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it may be truncated or not a Keras model file.") from None
+    theirs, ours = loaded.get_weights(), model.get_weights()
+    if len(theirs) != len(ours) or any(a.shape != b.shape for a, b in zip(theirs, ours)):
+        raise ConfigError(
+            f"checkpoint {path} holds model '{loaded.name}' with {len(theirs)} weights, which does not match "
+            f"model '{model.name}' with {len(ours)} weights: it was written for another model."
+        )
+    model.set_weights(theirs)
+    return optimizer_state(loaded.optimizer, loaded)
+
+
+CKPT_PATTERN = "epoch-{epoch:05d}.keras"
+
+
+def checkpoints(folder: str) -> list[tuple[int, str]]:
+    """(epoch, path) of the checkpoints in `folder`, newest first."""
+    if not folder or not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        if name.startswith("epoch-") and name.endswith(".keras") and name[6:-6].isdigit():
+            found.append((int(name[6:-6]), os.path.join(folder, name)))
+    return sorted(found, reverse=True)
+
+
+def latest(model, folder: str) -> tuple[int, dict] | None:
+    """Load the newest checkpoint in `folder` that reads back; (epoch, optimizer state)."""
+    import logging
+
+    for epoch, path in checkpoints(folder):
+        try:
+            return epoch, load(model, path)
+        except ConfigError as e:
+            logging.getLogger("hyparflow").warning("skipping checkpoint: %s", e)
+    return None
+
+
+def prune(folder: str, keep: int) -> None:
+    for _, path in checkpoints(folder)[keep:]:
+        os.unlink(path)

@@ -67,11 +67,24 @@ def np_dtype(name: str) -> np.dtype:
     return np.dtype(tf.as_dtype(name).as_numpy_dtype)
 
 
+def _optimizer_for(optimizer, model, variables):
+    """The model's optimizer if it is unbuilt or built for exactly `variables`; else (it was
+    built for another layout by an earlier fit) a fresh one carrying its state over."""
+    from hyparflow.checkpoint import optimizer_state, restore_optimizer_state
+
+    if not getattr(optimizer, "built", False) or {id(v) for v in optimizer._trainable_variables} == {id(v) for v in variables}:
+        return optimizer
+    fresh = optimizer.__class__.from_config(optimizer.get_config())
+    restore_optimizer_state(fresh, model, variables, optimizer_state(optimizer, model))
+    model.optimizer = fresh
+    return fresh
+
+
 class StageRunner:
     """Runs this rank's stage: training steps, forward-only passes, state transfers."""
 
     def __init__(self, plan: Plan, grid: Grid, objective: Objective, optimizer, schedule_kind: str = "1f1b"):
-        self.plan, self.grid, self.objective, self.optimizer = plan, grid, objective, optimizer
+        self.plan, self.grid, self.objective = plan, grid, objective
         self.net = Transport(grid)
         self.stage = st = plan.stages[grid.stage]
         self.schedule_kind = schedule_kind
@@ -90,6 +103,7 @@ class StageRunner:
         self.recv_float = [t for t in st.recv if tensors[t].is_float]
         self.send_float = [t for t in self.send_ids if tensors[t].is_float]
         self.variables = st.trainable_variables
+        self.optimizer = _optimizer_for(optimizer, plan.graph.model, self.variables)
         self.fused = not self.send_float
         self.acc = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in self.variables]
         self.timers = {"compute": 0.0, "wait": 0.0, "allreduce": 0.0}

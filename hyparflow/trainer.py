@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -18,7 +19,7 @@ import keras
 import numpy as np
 from mpi4py import MPI
 
-from hyparflow import placement
+from hyparflow import checkpoint, placement
 from hyparflow.checkpoint import broadcast_variables, gather_stages
 from hyparflow.comm import Grid, make_grid
 from hyparflow.errors import ConfigError
@@ -116,11 +117,27 @@ def _check_shape(what: str, array: np.ndarray, spec, n: int) -> None:
 
 
 # ---- the distributed session -------------------------------------------------------
+def _env_default(value, var: str, default, kind=int):
+    if value is not None:
+        return value
+    raw = os.environ.get(var)
+    if raw is None:
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{var}={raw!r} is not a valid {kind.__name__}.") from None
+
+
 class Session:
     """A model planned and placed on the job's ranks, ready to run steps."""
 
-    def __init__(self, model, num_partitions: int, num_replicas: int | None, num_microbatches: int, schedule: str, balance, memory_limit, placement_policy: str, comm=None):
+    def __init__(self, model, num_partitions, num_replicas, num_microbatches, schedule, balance, memory_limit, placement_policy: str, comm=None):
         self.world = comm if comm is not None else MPI.COMM_WORLD
+        num_partitions = _env_default(num_partitions, "HYPARFLOW_PARTITIONS", 1)
+        num_replicas = _env_default(num_replicas, "HYPARFLOW_REPLICAS", None)
+        num_microbatches = _env_default(num_microbatches, "HYPARFLOW_MICROBATCHES", 1)
+        schedule = _env_default(schedule, "HYPARFLOW_SCHEDULE", "1f1b", str)
         install_excepthook()
         size = self.world.Get_size()
         if not isinstance(num_partitions, int) or num_partitions < 1:
@@ -288,10 +305,10 @@ def fit(
     *,
     batch_size: int = 32,
     epochs: int = 1,
-    num_partitions: int = 1,
+    num_partitions: int | None = None,
     num_replicas: int | None = None,
-    num_microbatches: int = 1,
-    schedule: str = "1f1b",
+    num_microbatches: int | None = None,
+    schedule: str | None = None,
     balance: str | Sequence[int] | Sequence[str] | None = None,
     memory_limit: float | None = None,
     placement_policy: str = "pipeline",
@@ -306,15 +323,27 @@ def fit(
     initial_epoch: int = 0,
     steps_per_epoch: int | None = None,
     gather: str = "rank0",
+    resume_from: str | None = None,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int = 1,
+    checkpoint_keep: int = 3,
+    resume: bool = True,
     comm=None,
 ) -> keras.callbacks.History:
     """Train `model` like `model.fit`, split into `num_partitions` pipeline stages and
     `num_replicas` data-parallel replicas (default: world size / num_partitions).
+    Settings left as None come from HYPARFLOW_PARTITIONS / _REPLICAS / _MICROBATCHES /
+    _SCHEDULE (what `hyparflow run` passes), else 1 partition, 1 micro-batch, 1F1B.
 
     `batch_size` is the global batch. Each replica's share is cut into
     `num_microbatches` micro-batches; batches that do not divide evenly are split as
     evenly as possible and weighted exactly. On return, rank 0's model holds all trained
     weights (`gather="all"`: every rank's does).
+
+    Checkpoints: `resume_from` loads a `.keras` file (weights and optimizer state, any
+    layout) before training. `checkpoint_dir` writes `epoch-NNNNN.keras` every
+    `checkpoint_every` epochs, keeps the newest `checkpoint_keep`, and (with `resume`)
+    starts from the newest readable one, continuing at its epoch.
     """
     batch_size = _check_batch(batch_size)
     if not isinstance(epochs, int) or epochs < 0:
@@ -338,6 +367,15 @@ def fit(
         vx, vy, *vsw = validation_data
         val = _prepare(graph, vx, vy, vsw[0] if vsw else None, None, with_targets=True)
     session.start(data)
+    opt_state = None
+    if resume_from is not None:
+        opt_state = checkpoint.load(model, resume_from)
+    elif checkpoint_dir and resume:
+        found = checkpoint.latest(model, checkpoint_dir)
+        if found is not None:
+            initial_epoch, opt_state = max(initial_epoch, found[0]), found[1]
+    if opt_state is not None:
+        checkpoint.restore_optimizer_state(session.runner.optimizer, model, session.stage.trainable_variables, opt_state)
     world_rank = session.world.Get_rank()
     if verbose == "auto":
         verbose = 1
@@ -378,9 +416,15 @@ def fit(
             if val is not None:
                 logs.update(session.run_epoch(val, batch_size, np.arange(len(val)), train=False, prefix="val_"))
             session.sync_state()
-            if needs_weights_on_rank0:
+            saving = checkpoint_dir is not None and (epoch + 1) % checkpoint_every == 0
+            if needs_weights_on_rank0 or saving:
                 with phase("weight gather"):
                     gather_stages(session.plan, session.grid)
+            if saving:
+                with phase(f"checkpoint writing (epoch {epoch + 1})"):
+                    checkpoint.save(model, os.path.join(checkpoint_dir, checkpoint.CKPT_PATTERN.format(epoch=epoch + 1)), session.world)
+                    if world_rank == 0:
+                        checkpoint.prune(checkpoint_dir, checkpoint_keep)
             with phase(f"callback on_epoch_end (epoch {epoch})"):
                 callback_list.on_epoch_end(epoch, logs)
             stop = session.world.allreduce(int(bool(model.stop_training)), op=MPI.MAX)
@@ -409,7 +453,7 @@ def _epoch_order(n: int, want: int | None, position: int, shuffle: bool, seed: n
     return stream[start:start + want]
 
 
-def evaluate(model, x=None, y=None, *, batch_size: int = 32, num_partitions: int = 1, num_replicas: int | None = None, num_microbatches: int = 1, sample_weight=None, return_dict: bool = False, balance=None, comm=None, verbose: int | str = 0):
+def evaluate(model, x=None, y=None, *, batch_size: int = 32, num_partitions: int | None = None, num_replicas: int | None = None, num_microbatches: int | None = None, sample_weight=None, return_dict: bool = False, balance=None, comm=None, verbose: int | str = 0):
     """`model.evaluate` across the grid: the loss (and metrics), equal on every rank."""
     batch_size = _check_batch(batch_size)
     session = Session(model, num_partitions, num_replicas, num_microbatches, "1f1b", balance, None, "pipeline", comm)
@@ -424,7 +468,7 @@ def evaluate(model, x=None, y=None, *, batch_size: int = 32, num_partitions: int
     return values[0] if len(values) == 1 else values
 
 
-def predict(model, x, *, batch_size: int = 32, num_partitions: int = 1, num_replicas: int | None = None, num_microbatches: int = 1, balance=None, comm=None, verbose: int | str = 0):
+def predict(model, x, *, batch_size: int = 32, num_partitions: int | None = None, num_replicas: int | None = None, num_microbatches: int | None = None, balance=None, comm=None, verbose: int | str = 0):
     """`model.predict` across the grid; every rank returns the full predictions."""
     batch_size = _check_batch(batch_size)
     session = Session(model, num_partitions, num_replicas, num_microbatches, "1f1b", balance, None, "pipeline", comm)

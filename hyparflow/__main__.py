@@ -1,0 +1,7 @@
+"""`python -m hyparflow` is the `hyparflow` command."""
+
+import sys
+
+from hyparflow.cli import main
+
+sys.exit(main())
