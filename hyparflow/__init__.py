@@ -7,9 +7,9 @@ from hyparflow.placement import configure_threads
 # Before TensorFlow starts: each rank takes its share of the node's cores.
 configure_threads()
 
-from hyparflow.checkpoint import save
-from hyparflow.errors import ConfigError
-from hyparflow.partition import Plan, Stage, plan
-from hyparflow.trainer import evaluate, fit, predict
+from hyparflow.checkpoint import save  # noqa: E402
+from hyparflow.errors import ConfigError  # noqa: E402
+from hyparflow.partition import Plan, Stage, plan  # noqa: E402
+from hyparflow.trainer import evaluate, fit, predict  # noqa: E402
 
 __all__ = ["ConfigError", "Plan", "Stage", "evaluate", "fit", "plan", "predict", "save", "__version__"]

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -36,7 +37,7 @@ def unpack(buffer: np.ndarray, variables: Sequence[Any]) -> None:
     for v in variables:
         dt = _np_dtype(v)
         n = int(np.prod(v.shape)) * dt.itemsize
-        v.assign(buffer[offset:offset + n].view(dt).reshape(v.shape))
+        v.assign(buffer[offset : offset + n].view(dt).reshape(v.shape))
         offset += n
 
 
@@ -104,7 +105,7 @@ def _keyed(optimizer, model) -> list[tuple[tuple, Any]]:
         key: tuple = ("optimizer", var.name)
         for prefix, i in prefixes:
             if var.name.startswith(prefix + "_"):
-                key = (i, var.name[len(prefix) + 1:])
+                key = (i, var.name[len(prefix) + 1 :])
                 break
         out.append((key, var))
     return out

@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import hyparflow
 from hyparflow.errors import ConfigError
@@ -49,7 +49,12 @@ def _plan(args) -> int:
 
 def _settings(args) -> dict[str, str]:
     settings = {}
-    for flag, var in (("partitions", "HYPARFLOW_PARTITIONS"), ("replicas", "HYPARFLOW_REPLICAS"), ("microbatches", "HYPARFLOW_MICROBATCHES"), ("schedule", "HYPARFLOW_SCHEDULE")):
+    for flag, var in (
+        ("partitions", "HYPARFLOW_PARTITIONS"),
+        ("replicas", "HYPARFLOW_REPLICAS"),
+        ("microbatches", "HYPARFLOW_MICROBATCHES"),
+        ("schedule", "HYPARFLOW_SCHEDULE"),
+    ):
         value = getattr(args, flag, None)
         if value is not None:
             settings[var] = str(value)
@@ -62,7 +67,9 @@ def _run(args) -> int:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
-    job = Launch(np=args.np, command=command, hosts=args.hosts, hostfile=args.hostfile, settings=_settings(args), bind=args.bind, extra=args.launcher_args or ())
+    job = Launch(
+        np=args.np, command=command, hosts=args.hosts, hostfile=args.hostfile, settings=_settings(args), bind=args.bind, extra=args.launcher_args or ()
+    )
     if args.dry_run:
         print(" ".join(job.argv()))
         return 0

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import sys
 import traceback
-from typing import Iterator
+from collections.abc import Iterator
 
 log = logging.getLogger("hyparflow")
 

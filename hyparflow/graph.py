@@ -18,7 +18,7 @@ from hyparflow.errors import ConfigError
 
 COST_MODELS = ("time", "flops", "params")
 # Above this many layer calls, "time" profiling costs more than it is worth.
-TIME_PROFILE_MAX_CALLS = 400
+TIME_PROFILE_MAX_CALLS = 100
 
 
 @dataclass
@@ -33,9 +33,11 @@ class TensorInfo:
     model_input: int = -1  # position among model.inputs, or -1
     consumers: list[int] = field(default_factory=list)
 
+    label: str = ""  # the producing layer's name (":k" for its k-th output), or the input's
+
     @property
     def name(self) -> str:
-        return self.ref.name
+        return self.label or self.ref.name
 
     @property
     def is_float(self) -> bool:
@@ -104,9 +106,10 @@ def _flops(layer, call_inputs, call_outputs, param_count) -> float:
 class ModelGraph:
     """Layer calls of a functional model in a topological order, with costs.
 
-    The order is depth-first from the inputs (a branch is followed to its end
-    before the next one starts), so auxiliary heads stay next to the layers that
-    feed them and a cut separates as few live tensors as possible.
+    The order is depth-first from the inputs: of the calls a call makes ready, the one
+    closest to an output goes first (an auxiliary head stays next to the layer feeding
+    it, a branch is finished before the next starts), while branches that start at a
+    model input wait until the graph needs them (a late input is read late).
     """
 
     def __init__(self, model):
@@ -143,7 +146,7 @@ class ModelGraph:
                 waiting[c] -= 1
                 if waiting[c] == 0:
                     newly.append(by_id[c])
-            stack.extend(sorted(newly, key=lambda m: -keras_rank[id(m)]))
+            stack.extend(sorted(newly, key=lambda m: keras_rank[id(m)]))
         if len(order) != len(nodes):
             raise ConfigError(f"Model '{model.name}': its graph has a cycle or a node that never becomes ready.")
 
@@ -159,7 +162,7 @@ class ModelGraph:
                         "input nor produced inside the model. Models must be closed graphs."
                     )
             ins = tuple(dict.fromkeys(self._tensor_of[id(t)] for t in n.input_tensors))
-            outs = tuple(self._add_tensor(t, producer=idx) for t in n.outputs)
+            outs = tuple(self._add_tensor(t, producer=idx, label=layer.name if len(n.outputs) == 1 else f"{layer.name}:{k}") for k, t in enumerate(n.outputs))
             k = call_count.get(id(layer), 0)
             call_count[id(layer)] = k + 1
             first = id(layer) not in seen_layers
@@ -200,7 +203,7 @@ class ModelGraph:
             running += blocked[i]
             self.cuttable.append(running == 0)  # may a stage end after call i?
 
-    def _add_tensor(self, t, producer: int, model_input: int = -1) -> int:
+    def _add_tensor(self, t, producer: int, model_input: int = -1, label: str = "") -> int:
         if id(t) in self._tensor_of:
             return self._tensor_of[id(t)]
         info = TensorInfo(
@@ -210,6 +213,7 @@ class ModelGraph:
             dtype=str(t.dtype),
             producer=producer,
             model_input=model_input,
+            label=label,
         )
         self.tensors.append(info)
         self._tensor_of[id(t)] = info.index
@@ -234,36 +238,46 @@ class ModelGraph:
             c.cost = max(float(v), floor)
 
     def _profile(self, batch: int) -> list[float]:
-        """Measured forward+backward seconds of each call on a small random batch."""
+        """Measured forward+backward seconds of each call per `batch` samples.
+
+        Each call is timed at `batch` and at 4 x `batch` samples (best of 3); the
+        difference is the cost that grows with the data, free of the fixed per-call
+        Python overhead that a compiled stage does not pay.
+        """
         import tensorflow as tf
 
         rng = np.random.default_rng(0)
-        values: dict[int, Any] = {}
 
-        def sample(t: TensorInfo):
-            shape = (batch,) + tuple(d or 1 for d in t.shape)
+        def sample(t: TensorInfo, n: int):
+            shape = (n,) + tuple(d or 1 for d in t.shape)
             if t.is_float:
                 return tf.constant(rng.standard_normal(shape), dtype=t.dtype)
             return tf.zeros(shape, dtype=t.dtype)
 
-        times = []
-        for c in self.calls:
-            feeds = {i: values.get(i) if i in values else sample(self.tensors[i]) for i in c.inputs}
-            best = math.inf
+        def timed(c: LayerCall, feeds) -> tuple[float, dict]:
+            best, outs = math.inf, {}
             for _ in range(3):
                 t0 = time.perf_counter()
                 with tf.GradientTape() as tape:
-                    for v in feeds.values():
-                        if v.dtype.is_floating:
-                            tape.watch(v)
+                    floats = [v for v in feeds.values() if v.dtype.is_floating]
+                    tape.watch(floats)
                     outs = run_call(c, feeds, self.tensors, training=True)
                     total = tf.add_n([tf.reduce_sum(tf.cast(o, tf.float32)) for o in outs.values()])
-                srcs = [v for v in feeds.values() if v.dtype.is_floating] + list(c.layer.trainable_weights)
-                if srcs:
-                    tape.gradient(total, srcs, unconnected_gradients="zero")
+                sources = floats + list(c.layer.trainable_weights)
+                if sources:
+                    tape.gradient(total, sources, unconnected_gradients="zero")
                 best = min(best, time.perf_counter() - t0)
-            values.update(outs)
-            times.append(best)
+            return best, outs
+
+        small: dict[int, Any] = {}
+        large: dict[int, Any] = {}
+        times = []
+        for c in self.calls:
+            t_small, out_small = timed(c, {i: small[i] if i in small else sample(self.tensors[i], batch) for i in c.inputs})
+            t_large, out_large = timed(c, {i: large[i] if i in large else sample(self.tensors[i], 4 * batch) for i in c.inputs})
+            small.update(out_small)
+            large.update(out_large)
+            times.append(max(t_large - t_small, 0.0) / 3.0)
         return times
 
 
@@ -330,7 +344,7 @@ def balanced_cuts(costs: list[float], cuttable: list[bool], parts: int, memory: 
     # Fewer stages than asked: split the costliest multi-unit stages (never raises the max).
     while len(starts) < parts:
         bounds = starts + [len(units)]
-        sizes = [(sum(ucost[bounds[k]:bounds[k + 1]]), k) for k in range(len(starts)) if bounds[k + 1] - bounds[k] > 1]
+        sizes = [(sum(ucost[bounds[k] : bounds[k + 1]]), k) for k in range(len(starts)) if bounds[k + 1] - bounds[k] > 1]
         _, k = max(sizes)
         a, b = bounds[k], bounds[k + 1]
         half, acc, cut = sum(ucost[a:b]) / 2, 0.0, a + 1

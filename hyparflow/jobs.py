@@ -37,17 +37,32 @@ def train_from_config(cfg: dict[str, Any]) -> dict[str, float]:
     model = models.build(cfg["model"], x.shape[1:], classes, **cfg["model_options"])
     model.compile(optimizer=keras_object("optimizers", cfg["optimizer"]), loss=keras_object("losses", cfg["loss"]), metrics=list(cfg["metrics"]))
     if rank == 0:
-        print(f"{cfg['name']}: {model.name} ({model.count_params():,} parameters) on {cfg['dataset']} "
-              f"({len(x)} train / {len(xv)} test), {MPI.COMM_WORLD.Get_size()} ranks = "
-              f"{cfg['partitions']} partitions x {MPI.COMM_WORLD.Get_size() // cfg['partitions']} replicas, "
-              f"{cfg['microbatches']} micro-batches, {cfg['schedule']}", flush=True)
+        print(
+            f"{cfg['name']}: {model.name} ({model.count_params():,} parameters) on {cfg['dataset']} "
+            f"({len(x)} train / {len(xv)} test), {MPI.COMM_WORLD.Get_size()} ranks = "
+            f"{cfg['partitions']} partitions x {MPI.COMM_WORLD.Get_size() // cfg['partitions']} replicas, "
+            f"{cfg['microbatches']} micro-batches, {cfg['schedule']}",
+            flush=True,
+        )
     grid = dict(num_partitions=cfg["partitions"], num_replicas=cfg["replicas"], num_microbatches=cfg["microbatches"], balance=cfg["balance"])
     ckpt = cfg.get("checkpoint") or {}
     hf.fit(
-        model, x, y, batch_size=cfg["batch_size"], epochs=cfg["epochs"], steps_per_epoch=cfg["steps_per_epoch"],
-        schedule=cfg["schedule"], placement_policy=cfg["placement"], validation_data=(xv, yv), seed=cfg["seed"],
-        verbose=cfg["verbose"] if rank == 0 else 0, checkpoint_dir=ckpt.get("path"), checkpoint_every=ckpt.get("every_epochs", 1),
-        checkpoint_keep=ckpt.get("keep", 3), resume=bool(ckpt.get("resume", True)), **grid,
+        model,
+        x,
+        y,
+        batch_size=cfg["batch_size"],
+        epochs=cfg["epochs"],
+        steps_per_epoch=cfg["steps_per_epoch"],
+        schedule=cfg["schedule"],
+        placement_policy=cfg["placement"],
+        validation_data=(xv, yv),
+        seed=cfg["seed"],
+        verbose=cfg["verbose"] if rank == 0 else 0,
+        checkpoint_dir=ckpt.get("path"),
+        checkpoint_every=ckpt.get("every_epochs", 1),
+        checkpoint_keep=ckpt.get("keep", 3),
+        resume=bool(ckpt.get("resume", True)),
+        **grid,
     )
     logs = hf.evaluate(model, xv, yv, batch_size=cfg["batch_size"], return_dict=True, **grid)
     if rank == 0:

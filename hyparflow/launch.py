@@ -11,8 +11,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from hyparflow.errors import ConfigError
 
@@ -91,7 +91,11 @@ class Launch:
     def argv(self, mpirun: str | None = None, flavor: str | None = None) -> list[str]:
         """The launcher command line."""
         self.validate()
-        srun = self.use_srun if self.use_srun is not None else ("SLURM_JOB_ID" in os.environ and shutil.which("srun") is not None and not (self.hosts or self.hostfile))
+        srun = (
+            self.use_srun
+            if self.use_srun is not None
+            else ("SLURM_JOB_ID" in os.environ and shutil.which("srun") is not None and not (self.hosts or self.hostfile))
+        )
         if srun:
             return ["srun", "--mpi=pmix", "-n", str(self.np), *self.extra, *self.command]
         mpirun = mpirun or find_mpirun()

@@ -9,10 +9,12 @@ recursion limit, so users never touch either.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from hyparflow.errors import ConfigError
 
@@ -140,11 +142,11 @@ def _cnn(input_shape, num_classes: int):
 
 
 REGISTRY: dict[str, Callable[..., Any]] = {
-    **{f"resnet{d}": (lambda d: lambda shape, k, **kw: _resnet_v1(d, shape, k))(d) for d in (20, 32, 44, 56, 110)},
-    **{f"resnet{d}": (lambda d: lambda shape, k, **kw: _resnet_preact(d, shape, k))(d) for d in (164, 1001)},
-    "vgg16": lambda shape, k, **kw: _vgg16(shape, k),
-    "mlp": lambda shape, k, **kw: _mlp(shape, k, **kw),
-    "cnn": lambda shape, k, **kw: _cnn(shape, k),
+    **{f"resnet{d}": functools.partial(_resnet_v1, d) for d in (20, 32, 44, 56, 110)},
+    **{f"resnet{d}": functools.partial(_resnet_preact, d) for d in (164, 1001)},
+    "vgg16": _vgg16,
+    "mlp": _mlp,
+    "cnn": _cnn,
 }
 
 

@@ -9,7 +9,8 @@ gradient. Metric states are additive, so summing them across replicas is exact.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -74,7 +75,9 @@ class Objective:
         self.reductions = [None if fn is None else (fn.reduction or "none") for fn in self.losses]
         for fn, red in zip(self.losses, self.reductions):
             if fn is not None and red not in _BATCH_MEAN + ("sum", "mean_with_sample_weight"):
-                raise ConfigError(f"Loss '{fn.name}' has reduction={red!r}; hyparflow needs a reduced loss ('sum_over_batch_size', 'sum' or 'mean_with_sample_weight').")
+                raise ConfigError(
+                    f"Loss '{fn.name}' has reduction={red!r}; hyparflow needs a reduced loss ('sum_over_batch_size', 'sum' or 'mean_with_sample_weight')."
+                )
 
     @property
     def divisor_kinds(self) -> list[str]:
@@ -141,7 +144,7 @@ class Objective:
                 saved = [v.numpy() for v in m.variables]
                 for v in m.variables:
                     n = int(np.prod(v.shape))
-                    v.assign(state[i:i + n].reshape(v.shape).astype(v.dtype))
+                    v.assign(state[i : i + n].reshape(v.shape).astype(v.dtype))
                     i += n
                 results[m.name] = float(np.asarray(m.result()))
                 for v, s in zip(m.variables, saved):

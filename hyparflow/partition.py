@@ -10,8 +10,9 @@ from its own copy of the data.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from hyparflow.errors import ConfigError
 from hyparflow.graph import COST_MODELS, TIME_PROFILE_MAX_CALLS, LayerCall, ModelGraph, TensorInfo, balanced_cuts, run_call
@@ -101,7 +102,7 @@ class Plan:
         for s in range(len(self.starts)):
             for i in range(bounds[s], bounds[s + 1]):
                 stage_of[i] = s
-            self.stages.append(Stage(index=s, calls=graph.calls[bounds[s]:bounds[s + 1]], tensors=graph.tensors))
+            self.stages.append(Stage(index=s, calls=graph.calls[bounds[s] : bounds[s + 1]], tensors=graph.tensors))
         self.stage_of_call = stage_of
         for t in graph.tensors:
             if t.producer < 0:
@@ -115,7 +116,9 @@ class Plan:
         for pos, t in enumerate(graph.output_tensors):
             producer = graph.tensors[t].producer
             if producer < 0:
-                raise ConfigError(f"Model output '{graph.output_names[pos]}' is a model input passed straight through; hyparflow needs every output produced by a layer.")
+                raise ConfigError(
+                    f"Model output '{graph.output_names[pos]}' is a model input passed straight through; hyparflow needs every output produced by a layer."
+                )
             stage = self.stages[stage_of[producer]]
             stage.model_outputs.append(pos)
             stage.output_tensors.append(t)
@@ -186,7 +189,7 @@ def plan(
     """Split `model` into `num_partitions` contiguous stages.
 
     balance: a cost model ("time": measured forward+backward per layer, "flops",
-      "params"; default "time" for up to 400 layer calls, else "flops"), a list of
+      "params"; default "time" for up to 100 layer calls, else "flops"), a list of
       layer-call counts per stage, or a list of layer names to cut after.
     memory_limit: bytes per stage for weights, gradients, optimizer slots and
       `microbatch_size` samples of activations.

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -135,11 +136,11 @@ class StageRunner:
                 sends, loss, per_output = train_forward(recv_vals, data_vals, ys, sws, divisors, reg_scale)
             grads = tape.gradient(loss, self.variables + float_in, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             accumulate(grads[: len(self.variables)])
-            return sends, grads[len(self.variables):], loss, per_output
+            return sends, grads[len(self.variables) :], loss, per_output
 
         def accumulate(grads):
             for a, g in zip(self.acc, grads):
-                a.assign_add(tf.cast(g, a.dtype))
+                a.assign_add(tf.cast(tf.convert_to_tensor(g), a.dtype))
 
         def flat_grads():
             if not self.acc:
@@ -190,7 +191,12 @@ class StageRunner:
 
     def _inputs(self, posted, m: int, mb: MicroBatch):
         recv_vals = [tf.convert_to_tensor(self._take(posted, m, t, self.src[t], f"activations of micro-batch {m}")) for t in self.stage.recv]
-        return recv_vals, [tf.convert_to_tensor(x) for x in mb.inputs], [tf.convert_to_tensor(y) for y in mb.targets], [tf.convert_to_tensor(w) for w in mb.weights]
+        return (
+            recv_vals,
+            [tf.convert_to_tensor(x) for x in mb.inputs],
+            [tf.convert_to_tensor(y) for y in mb.targets],
+            [tf.convert_to_tensor(w) for w in mb.weights],
+        )
 
     # ---- a training step -------------------------------------------------------
     def train_step(self, micro: list[MicroBatch], norm: StepNorm) -> tuple[float, np.ndarray]:
@@ -242,7 +248,7 @@ class StageRunner:
                             unconnected_gradients=tf.UnconnectedGradients.ZERO,
                         )
                         self._accumulate(grads[: len(self.variables)])
-                        in_grads = grads[len(self.variables):]
+                        in_grads = grads[len(self.variables) :]
                         self.timers["compute"] += time.perf_counter() - t0
                     for t, g in zip(self.recv_float, in_grads):
                         self._send(pending, g, self.src[t], self.tag[t] + 1)

@@ -14,8 +14,8 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from hyparflow.errors import ConfigError
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -26,7 +27,8 @@ from hyparflow.errors import ConfigError
 from hyparflow.failures import distributed, install_excepthook, phase, state
 from hyparflow.graph import ModelGraph
 from hyparflow.objective import Objective
-from hyparflow.partition import Plan, plan as make_plan
+from hyparflow.partition import Plan
+from hyparflow.partition import plan as make_plan
 from hyparflow.pipeline import SCHEDULES, MicroBatch, StageRunner, StepNorm
 
 log = logging.getLogger("hyparflow")
@@ -72,7 +74,7 @@ class Data:
     def __len__(self) -> int:
         return len(self.x[0])
 
-    def take(self, idx: np.ndarray) -> "Data":
+    def take(self, idx: np.ndarray) -> Data:
         return Data([a[idx] for a in self.x], [None if a is None else a[idx] for a in self.y], [a[idx] for a in self.sw])
 
 
@@ -235,9 +237,9 @@ class Session:
         logs = {f"{prefix}loss": total[0] / max(seen, 1)}
         nout = len(parts_sum)
         if nout > 1:
-            for name, v in zip(obj.names, total[2:2 + nout]):
+            for name, v in zip(obj.names, total[2 : 2 + nout]):
                 logs[f"{prefix}{name}_loss"] = v / max(seen, 1)
-        for k, v in obj.metric_results(total[2 + nout:]).items():
+        for k, v in obj.metric_results(total[2 + nout :]).items():
             logs[prefix + k] = v
         return {k: float(v) for k, v in logs.items()}, bool(total[1] > 0)
 
@@ -250,7 +252,7 @@ class Session:
         logs: dict[str, float] = {}
         steps = -(-len(order) // batch_size)
         for step in range(steps):
-            idx = order[step * batch_size:(step + 1) * batch_size]
+            idx = order[step * batch_size : (step + 1) * batch_size]
             micro, norm = self.micro_batches(data, idx)
             if train:
                 loss, parts = runner.train_step(micro, norm)
@@ -280,7 +282,7 @@ class Session:
         i = 0
         for v in state_vars:
             n = int(np.prod(v.shape))
-            v.assign(out[i:i + n].reshape(v.shape).astype(str(v.dtype)))
+            v.assign(out[i : i + n].reshape(v.shape).astype(str(v.dtype)))
             i += n
 
 
@@ -405,7 +407,7 @@ def fit(
             order = _epoch_order(len(data), steps * batch_size if steps_per_epoch else None, position, shuffle, rng_base, epoch)
             position += len(order)
 
-            def on_batch(step, logs, stop):
+            def on_batch(step, logs, stop, epoch=epoch):
                 with phase(f"callback on_train_batch_end (epoch {epoch}, step {step})"):
                     callback_list.on_train_batch_end(step, logs)
                 stopping = stop or bool(model.stop_training)
@@ -450,10 +452,24 @@ def _epoch_order(n: int, want: int | None, position: int, shuffle: bool, seed: n
     first, last = position // n, (position + want - 1) // n
     stream = np.concatenate([one_pass(p) for p in range(first, last + 1)])
     start = position - first * n
-    return stream[start:start + want]
+    return stream[start : start + want]
 
 
-def evaluate(model, x=None, y=None, *, batch_size: int = 32, num_partitions: int | None = None, num_replicas: int | None = None, num_microbatches: int | None = None, sample_weight=None, return_dict: bool = False, balance=None, comm=None, verbose: int | str = 0):
+def evaluate(
+    model,
+    x=None,
+    y=None,
+    *,
+    batch_size: int = 32,
+    num_partitions: int | None = None,
+    num_replicas: int | None = None,
+    num_microbatches: int | None = None,
+    sample_weight=None,
+    return_dict: bool = False,
+    balance=None,
+    comm=None,
+    verbose: int | str = 0,
+):
     """`model.evaluate` across the grid: the loss (and metrics), equal on every rank."""
     batch_size = _check_batch(batch_size)
     session = Session(model, num_partitions, num_replicas, num_microbatches, "1f1b", balance, None, "pipeline", comm)
@@ -468,7 +484,18 @@ def evaluate(model, x=None, y=None, *, batch_size: int = 32, num_partitions: int
     return values[0] if len(values) == 1 else values
 
 
-def predict(model, x, *, batch_size: int = 32, num_partitions: int | None = None, num_replicas: int | None = None, num_microbatches: int | None = None, balance=None, comm=None, verbose: int | str = 0):
+def predict(
+    model,
+    x,
+    *,
+    batch_size: int = 32,
+    num_partitions: int | None = None,
+    num_replicas: int | None = None,
+    num_microbatches: int | None = None,
+    balance=None,
+    comm=None,
+    verbose: int | str = 0,
+):
     """`model.predict` across the grid; every rank returns the full predictions."""
     batch_size = _check_batch(batch_size)
     session = Session(model, num_partitions, num_replicas, num_microbatches, "1f1b", balance, None, "pipeline", comm)

@@ -1,0 +1,279 @@
+"""Partitioner: transparency (stages in sequence == the model, forward and backward),
+balance, scale, and clear errors. One process, no MPI."""
+
+from __future__ import annotations
+
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import zoo
+
+import hyparflow as hf
+from hyparflow.graph import ModelGraph, balanced_cuts
+from hyparflow.models import run_deep
+
+
+def stagewise(plan: hf.Plan, inputs, seeds, training=False):
+    """Run each stage under its own tape, then backpropagate stage by stage from the last,
+    passing boundary gradients exactly as the engine does. Returns (outputs, grads by var id)."""
+    tensors = plan.graph.tensors
+    values = {i: tf.constant(x) for i, x in enumerate(inputs)}
+    records = []
+    for st in plan.stages:
+        feeds = {t: values[t] for t in st.recv}
+        feeds.update({i: values[i] for i in st.data_inputs})
+        tape = tf.GradientTape()
+        with tape:
+            watched = [feeds[t] for t in st.recv if tensors[t].is_float]
+            tape.watch(watched)
+            out = st.forward(feeds, training=training)
+        values.update(out)
+        records.append((tape, watched, out))
+    outputs = [values[t] for t in plan.graph.output_tensors]
+    upstream: dict[int, tf.Tensor] = {}
+    for t, s in zip(plan.graph.output_tensors, seeds):
+        upstream[t] = upstream.get(t, 0) + s
+    var_grads = {}
+    for st, (tape, watched, out) in reversed(list(zip(plan.stages, records))):
+        targets = [(out[t], upstream[t]) for t in out if t in upstream and tensors[t].is_float]
+        float_in = [t for t in st.recv if tensors[t].is_float]
+        grads = tape.gradient(
+            [v for v, _ in targets],
+            st.trainable_variables + watched,
+            output_gradients=[g for _, g in targets],
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+        for v, g in zip(st.trainable_variables, grads):
+            var_grads[id(v)] = g
+        for t, g in zip(float_in, grads[len(st.trainable_variables) :]):
+            upstream[t] = upstream.get(t, 0) + g
+    return outputs, var_grads
+
+
+def check_transparent(model, parts_list, n=5):
+    xs = zoo.sample_inputs(model, n)
+    with tf.GradientTape() as tape:
+        ref = keras.tree.flatten(model(xs if len(xs) > 1 else xs[0], training=False))
+    seeds = [tf.constant(np.random.default_rng(i).standard_normal(r.shape).astype("float32")) for i, r in enumerate(ref)]
+    ref_grads = tape.gradient(ref, model.trainable_variables, output_gradients=seeds)
+    for parts in parts_list:
+        plan = hf.plan(model, parts, balance="flops")
+        assert plan.num_partitions == parts
+        assert sum(len(s.calls) for s in plan.stages) == len(plan.graph)
+        outs, grads = stagewise(plan, xs, seeds)
+        for o, r in zip(outs, ref):
+            np.testing.assert_allclose(o.numpy(), r.numpy(), rtol=1e-5, atol=1e-5, err_msg=f"{model.name} P={parts} outputs")
+        assert set(grads) == {id(v) for v in model.trainable_variables}, f"{model.name} P={parts}: a variable is in no stage"
+        for v, r in zip(model.trainable_variables, ref_grads):
+            np.testing.assert_allclose(
+                tf.convert_to_tensor(grads[id(v)]).numpy(),
+                tf.convert_to_tensor(r).numpy(),
+                rtol=1e-4,
+                atol=1e-5,
+                err_msg=f"{model.name} P={parts} grad {v.path}",
+            )
+    # every stage's regularization losses add up to the model's (training mode moves BN
+    # statistics, so this comes last and restores the weights)
+    saved = model.get_weights()
+    plan.forward(xs, training=True)
+    reg = sum(float(tf.reduce_sum(x)) for st in plan.stages for x in st.losses)
+    model(xs if len(xs) > 1 else xs[0], training=True)
+    assert reg == pytest.approx(sum(float(tf.reduce_sum(x)) for x in model.losses), rel=1e-5, abs=1e-7)
+    model.set_weights(saved)
+
+
+def max_parts(model) -> int:
+    g = ModelGraph(model)
+    return sum(g.cuttable[:-1]) + 1
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+def test_zoo_transparent(name):
+    model = zoo.ZOO[name]()
+    top = max_parts(model)
+    check_transparent(model, sorted({p for p in (2, 3, 4, top) if p <= top}))
+
+
+@pytest.mark.parametrize("app", ["MobileNetV2", "DenseNet121", "ResNet50"])
+def test_keras_applications_transparent(app):
+    keras.utils.set_random_seed(0)
+    kwargs = {"alpha": 0.35} if app == "MobileNetV2" else {}
+    model = getattr(keras.applications, app)(weights=None, input_shape=(32, 32, 3), classes=5, **kwargs)
+    check_transparent(model, [2, 3, 4, max_parts(model)], n=2)
+
+
+def test_shared_layer_calls_stay_in_one_stage():
+    model = zoo.shared()
+    for parts in range(2, max_parts(model) + 1):
+        plan = hf.plan(model, parts, balance="flops")
+        owners = [s.index for s in plan.stages for c in s.calls if c.layer.name == "shared_enc"]
+        assert len(owners) == 2 and len(set(owners)) == 1
+
+
+def test_skip_connection_goes_straight_to_its_consumer():
+    model = zoo.densenet()
+    plan = hf.plan(model, 4, balance="flops")
+    first_conv = plan.graph.calls[0].outputs[0]
+    dests = sorted(d for t, d in plan.stages[0].send if t == first_conv)
+    consumers = sorted({plan.stage_of_call[c] for c in plan.graph.tensors[first_conv].consumers} - {0})
+    assert dests == consumers and len(dests) >= 2  # sent once to each consuming stage, not relayed
+
+
+def test_late_model_input_is_read_from_data():
+    model = zoo.multi_io()
+    plan = hf.plan(model, 4, balance="flops")
+    late = [s.index for s in plan.stages if 1 in s.data_inputs]
+    assert late and all(i > 0 for i in late)
+    assert all(plan.graph.tensors[t].model_input < 0 for s in plan.stages for t in s.recv)
+
+
+def test_multi_output_outputs_come_from_their_stages():
+    plan = hf.plan(zoo.multi_io(), 3, balance="flops")
+    made = {pos: s.index for s in plan.stages for pos in s.model_outputs}
+    assert sorted(made) == [0, 1] and made[1] < made[0]  # the aux head stays early
+
+
+def test_plan_shares_variables_with_the_model():
+    model = zoo.mlp()
+    plan = hf.plan(model, 3)
+    ids = [id(v) for s in plan.stages for v in s.trainable_variables]
+    assert sorted(ids) == sorted(id(v) for v in model.trainable_variables)
+
+
+def test_plan_table_lists_stages():
+    text = str(hf.plan(zoo.resnet_bn(), 2, balance="flops"))
+    assert "2 stages" in text and text.count("\n") >= 4 and "conv2d" in text
+
+
+def test_balance_uniform_within_one_layer_of_ideal():
+    model = zoo.mlp(depth=40)
+    for parts in (2, 3, 5, 7):
+        plan = hf.plan(model, parts, balance="flops")
+        costs = [c.cost for c in plan.graph.calls]
+        ideal = sum(costs) / parts
+        assert max(s.cost for s in plan.stages) <= ideal + max(costs) + 1e-9
+
+
+def test_balanced_cuts_is_optimal_against_brute_force():
+    rng = np.random.default_rng(3)
+    import itertools
+
+    for _ in range(30):
+        n, parts = int(rng.integers(4, 10)), int(rng.integers(2, 4))
+        costs = list(rng.uniform(0.1, 5, n))
+        starts = balanced_cuts(costs, [True] * n, parts)
+        got = max(sum(costs[a:b]) for a, b in zip(starts, starts[1:] + [n]))
+        best = min(max(sum(costs[a:b]) for a, b in zip((0,) + cut, cut + (n,))) for cut in itertools.combinations(range(1, n), parts - 1))
+        assert got == pytest.approx(best, rel=1e-6)
+
+
+def test_memory_limit_is_respected():
+    model = zoo.mlp(depth=12)
+    plan = hf.plan(model, 6, balance="flops", memory_limit=4 * 4 * (16 * 16 + 16) * 3)
+    for s in plan.stages:
+        assert sum(c.param_bytes * 4 + c.act_bytes for c in s.calls) <= 4 * 4 * (16 * 16 + 16) * 3
+    with pytest.raises(hf.ConfigError, match="memory_limit"):
+        hf.plan(model, 2, balance="flops", memory_limit=100)
+
+
+def _skewed_model():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16, 16, 16))
+    x = inp
+    for _ in range(4):  # four expensive convolutions...
+        x = layers_conv(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    for _ in range(9):  # ...then cheap dense layers
+        x = keras.layers.Dense(8)(x)
+    return keras.Model(inp, x)
+
+
+def layers_conv(x):
+    return keras.layers.Conv2D(64, 3, padding="same")(x)
+
+
+def _stage_times(plan, xs, repeats=5):
+    times = []
+    values = {i: tf.constant(x) for i, x in enumerate(xs)}
+    for st in plan.stages:
+        feeds = {t: values[t] for t in st.recv}
+        feeds.update({i: values[i] for i in st.data_inputs})
+        fn = tf.function(st.forward)
+        out = fn(feeds, training=True)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn(feeds, training=True)
+        times.append((time.perf_counter() - start) / repeats)
+        values.update(out)
+    return times
+
+
+def test_time_balance_beats_equal_counts_on_a_skewed_model():
+    model = _skewed_model()
+    n = len(ModelGraph(model))
+    timed = hf.plan(model, 2, balance="time")
+    equal = hf.plan(model, 2, balance=[n // 2, n - n // 2])
+    xs = [np.random.default_rng(0).standard_normal((32, 16, 16, 16)).astype("float32")]
+    assert max(_stage_times(timed, xs)) < 0.8 * max(_stage_times(equal, xs))
+
+
+def test_5000_layer_model_plans_quickly():
+    def build():
+        inp = keras.Input((4,))
+        x = inp
+        for _ in range(5000):
+            x = keras.layers.Dense(4)(x)
+        return keras.Model(inp, x)
+
+    model = run_deep(build)
+    start = time.perf_counter()
+    plan = hf.plan(model, 8)
+    elapsed = time.perf_counter() - start
+    assert len(plan.graph) == 5000 and plan.balance == "flops"
+    assert elapsed < 5.0, f"planning took {elapsed:.1f} s"
+
+
+def test_resnet1001_builds_without_touching_recursion_limits():
+    import sys
+
+    from hyparflow import models
+
+    limit = sys.getrecursionlimit()
+    model = models.build("resnet1001", (32, 32, 3), 10)
+    assert sys.getrecursionlimit() == limit
+    assert len(ModelGraph(model)) > 3000
+
+
+# ---- errors ---------------------------------------------------------------------------
+class Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.d = keras.layers.Dense(2)
+
+    def call(self, x):
+        return self.d(x)
+
+
+@pytest.mark.parametrize(
+    "make, kwargs, message",
+    [
+        (lambda: Subclassed(), {"num_partitions": 2}, "subclassed model with no functional graph.*num_partitions=1"),
+        (lambda: keras.Sequential([keras.layers.Dense(2)]), {"num_partitions": 2}, "is not built"),
+        (lambda: zoo.mlp(depth=2), {"num_partitions": 9}, "exceeds the 3 layer calls"),
+        (lambda: zoo.mlp(depth=2), {"num_partitions": 0}, "positive integer"),
+        (lambda: zoo.mlp(depth=2), {"num_partitions": 2, "balance": [1, 1]}, "sums to 2 but model 'mlp' has 3"),
+        (lambda: zoo.mlp(depth=2), {"num_partitions": 2, "balance": [3]}, "gives 1 layer counts but num_partitions=2"),
+        (lambda: zoo.mlp(depth=2), {"num_partitions": 2, "balance": [0, 3]}, "at least one layer"),
+        (lambda: zoo.mlp(depth=2), {"num_partitions": 2, "balance": ["no_such_layer"]}, "unknown layer 'no_such_layer'"),
+        (lambda: zoo.mlp(depth=2), {"num_partitions": 2, "balance": "speed"}, "balance='speed'"),
+        (lambda: zoo.mlp(depth=2), {"num_partitions": 2, "balance": [1, "a"]}, "only layer counts"),
+        (lambda: zoo.shared(), {"num_partitions": 2, "balance": ["shared_enc"]}, "shared layer"),
+        (lambda: zoo.shared(), {"num_partitions": 20}, "exceeds|only .* places can be cut"),
+    ],
+)
+def test_bad_plan_inputs(make, kwargs, message):
+    with pytest.raises(hf.ConfigError, match=message):
+        hf.plan(make(), **kwargs)

@@ -1,0 +1,129 @@
+"""A zoo of Keras graphs that partitioning must handle, with matching random data.
+
+Each builder seeds Keras, so building twice gives identical initial weights: the MPI
+tests train one copy with hyparflow and one with plain Keras and compare.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import layers, ops
+
+
+def mlp(seed=0, depth=10):
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((12,), name="x")
+    x = inp
+    for _ in range(depth):
+        x = layers.Dense(16, activation="tanh")(x)
+    return keras.Model(inp, layers.Dense(4, name="out")(x), name="mlp")
+
+
+def resnet_bn(seed=0):
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((8, 8, 3), name="x")
+    x = layers.Conv2D(8, 3, padding="same")(inp)
+    for filters in (8, 16):
+        y = layers.Conv2D(filters, 3, padding="same", strides=1 if filters == 8 else 2)(x)
+        y = layers.BatchNormalization()(y)
+        y = layers.ReLU()(y)
+        y = layers.Conv2D(filters, 3, padding="same")(y)
+        y = layers.BatchNormalization()(y)
+        if filters != 8:
+            x = layers.Conv2D(filters, 1, strides=2)(x)
+        x = layers.ReLU()(layers.Add()([x, y]))
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, layers.Dense(4, name="out")(x), name="resnet_bn")
+
+
+def densenet(seed=0):
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((6, 6, 4), name="x")
+    feats = [layers.Conv2D(4, 3, padding="same")(inp)]
+    for _ in range(4):
+        x = feats[0] if len(feats) == 1 else layers.Concatenate()(feats)
+        feats.append(layers.Conv2D(4, 3, padding="same", activation="relu")(x))
+    x = layers.GlobalAveragePooling2D()(layers.Concatenate()(feats))
+    return keras.Model(inp, layers.Dense(4, name="out")(x), name="densenet")
+
+
+def multi_io(seed=0):
+    """Two inputs (one used only late), an early auxiliary head, regularizers."""
+    keras.utils.set_random_seed(seed)
+    a = keras.Input((10,), name="a")
+    b = keras.Input((6,), name="b")
+    x = layers.Dense(16, activation="relu", kernel_regularizer=keras.regularizers.l2(1e-2))(a)
+    aux = layers.Dense(3, name="aux")(x)
+    for _ in range(4):
+        x = layers.Dense(16, activation="tanh", activity_regularizer=keras.regularizers.l1(1e-3))(x)
+    x = layers.Concatenate()([x, layers.Dense(8)(b)])
+    main = layers.Dense(4, name="main", kernel_regularizer=keras.regularizers.l1(1e-3))(x)
+    return keras.Model([a, b], [main, aux], name="multi_io")
+
+
+def shared(seed=0):
+    """One Dense layer called at two places (siamese), with layers in between."""
+    keras.utils.set_random_seed(seed)
+    a = keras.Input((8,), name="a")
+    b = keras.Input((8,), name="b")
+    enc = layers.Dense(8, activation="tanh", name="shared_enc")
+    ea = enc(a)
+    x = layers.Dense(8, activation="relu")(ea)
+    x = layers.Dense(8, activation="relu")(x)
+    eb = enc(layers.Add()([b, x]))
+    x = layers.Concatenate()([x, eb])
+    for _ in range(3):
+        x = layers.Dense(8, activation="relu")(x)
+    return keras.Model([a, b], layers.Dense(3, name="out")(x), name="shared")
+
+
+def nested(seed=0):
+    keras.utils.set_random_seed(seed)
+    inner_in = keras.Input((8,))
+    inner = keras.Model(inner_in, layers.Dense(8, activation="relu")(layers.Dense(8)(inner_in)), name="inner")
+    inp = keras.Input((6,), name="x")
+    x = layers.Dense(8)(inp)
+    x = inner(x)
+    x = layers.Dense(8, activation="relu")(x)
+    x = layers.Dense(8, activation="relu")(x)
+    return keras.Model(inp, layers.Dense(3, name="out")(x), name="nested")
+
+
+def sequential(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [keras.Input((10,)), layers.Dense(16, activation="relu"), layers.Dense(16, activation="relu"), layers.Dropout(0.0), layers.Dense(16), layers.Dense(3)],
+        name="sequential",
+    )
+
+
+def int_boundary(seed=0):
+    """An int mask made early and used late: a non-float tensor crosses the cuts."""
+    keras.utils.set_random_seed(seed)
+    ids = keras.Input((7,), dtype="int32", name="ids")
+    mask = layers.Lambda(lambda t: ops.cast(ops.greater(t, 0), "int32"), name="mask")(ids)
+    x = layers.Embedding(20, 6)(ids)
+    x = layers.Dense(6, activation="tanh")(x)
+    x = layers.Dense(6, activation="tanh")(x)
+    x = layers.Lambda(lambda v: v[0] * ops.cast(ops.expand_dims(v[1], -1), "float32"), name="apply_mask")([x, mask])
+    x = layers.GlobalAveragePooling1D()(x)
+    return keras.Model(ids, layers.Dense(3, name="out")(x), name="int_boundary")
+
+
+ZOO = {f.__name__: f for f in (mlp, resnet_bn, densenet, multi_io, shared, nested, sequential, int_boundary)}
+
+
+def sample_inputs(model, n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in model.inputs:
+        shape = (n,) + tuple(t.shape[1:])
+        out.append(rng.integers(0, 20, shape).astype("int32") if "int" in str(t.dtype) else rng.standard_normal(shape).astype("float32"))
+    return out
+
+
+def sample_targets(model, n: int, seed: int = 1) -> list[np.ndarray]:
+    """Integer class labels for each output (the zoo's outputs are logits)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, int(t.shape[-1]), n) for t in model.outputs]
