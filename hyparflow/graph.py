@@ -7,6 +7,7 @@ Every walk here is iterative, so graphs of thousands of layers (ResNet-1001, the
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -221,6 +222,14 @@ class ModelGraph:
 
     def __len__(self) -> int:
         return len(self.calls)
+
+    @property
+    def fingerprint(self) -> str:
+        """The structure: layer types, connections, weight shapes and dtypes."""
+        h = hashlib.sha256()
+        for c in self.calls:
+            h.update(f"{type(c.layer).__name__}|{c.inputs}|{c.outputs}|{[(tuple(w.shape), str(w.dtype)) for w in c.layer.weights]}".encode())
+        return h.hexdigest()[:16]
 
     def set_costs(self, balance: str, sample_batch: int = 8) -> None:
         """Fill `call.cost` with the chosen cost model ("time", "flops" or "params")."""

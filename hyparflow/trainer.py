@@ -9,7 +9,6 @@ waits for a step another rank does not run.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -136,6 +135,7 @@ class Session:
 
     def __init__(self, model, num_partitions, num_replicas, num_microbatches, schedule, balance, memory_limit, placement_policy: str, comm=None):
         self.world = comm if comm is not None else MPI.COMM_WORLD
+        state.where = ""
         num_partitions = _env_default(num_partitions, "HYPARFLOW_PARTITIONS", 1)
         num_replicas = _env_default(num_replicas, "HYPARFLOW_REPLICAS", None)
         num_microbatches = _env_default(num_microbatches, "HYPARFLOW_MICROBATCHES", 1)
@@ -161,7 +161,7 @@ class Session:
         self.P, self.R, self.M = num_partitions, num_replicas, num_microbatches
         with phase("plan"):
             graph = ModelGraph(model)
-            self._check_same_everywhere("model", _model_fingerprint(graph))
+            self._check_same_everywhere("model", graph.fingerprint)
             # Rank 0 plans (a "time" balance measures, which differs between ranks); all follow.
             starts = None
             if self.world.Get_rank() == 0:
@@ -284,13 +284,6 @@ class Session:
             n = int(np.prod(v.shape))
             v.assign(out[i : i + n].reshape(v.shape).astype(str(v.dtype)))
             i += n
-
-
-def _model_fingerprint(graph: ModelGraph) -> str:
-    h = hashlib.sha256()
-    for c in graph.calls:
-        h.update(f"{c.name}|{type(c.layer).__name__}|{c.inputs}|{[tuple(w.shape) for w in c.layer.weights]}".encode())
-    return h.hexdigest()[:16]
 
 
 def _check_batch(batch_size) -> int:
