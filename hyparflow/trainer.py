@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +117,81 @@ def _check_shape(what: str, array: np.ndarray, spec, n: int) -> None:
         raise ConfigError(f"{what} has per-sample shape {got} but the model expects {expected}.")
 
 
+class ArraySource:
+    """Global batches from in-memory arrays, cut identically on every rank."""
+
+    def __init__(self, data: Data, batch_size: int, shuffle: bool = False, seed: int = 0, steps_per_epoch: int | None = None):
+        self.data, self.batch_size, self.shuffle = data, batch_size, shuffle
+        self.seed = np.random.SeedSequence(seed)
+        self.cycle = steps_per_epoch is not None  # epochs continue where the last stopped
+        self.steps = steps_per_epoch if self.cycle else -(-len(data) // batch_size)
+        self.first = data
+
+    def _pass(self, p: int) -> np.ndarray:
+        n = len(self.data)
+        return np.random.default_rng([self.seed.entropy, p]).permutation(n) if self.shuffle else np.arange(n)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[Data, np.ndarray]]:
+        n, want = len(self.data), self.steps * self.batch_size
+        if self.cycle:
+            start = epoch * want
+            first, last = start // n, (start + want - 1) // n
+            order = np.concatenate([self._pass(p) for p in range(first, last + 1)])[start - first * n :][:want]
+        else:
+            order = self._pass(epoch)
+        for step in range(self.steps):
+            yield self.data, order[step * self.batch_size : (step + 1) * self.batch_size]
+
+
+class DatasetSource:
+    """Global batches from a batched `tf.data.Dataset`.
+
+    Every rank iterates its own copy of the pipeline, which must yield the same batches
+    on every rank (seed any shuffle); each replica then takes its share of every batch,
+    so every rank runs the same number of steps and every sample counts once.
+    """
+
+    def __init__(self, dataset, graph: ModelGraph, with_targets: bool, steps_per_epoch: int | None = None):
+        self.dataset, self.graph, self.with_targets = dataset, graph, with_targets
+        first = next(iter(dataset.take(1)), None)
+        if first is None:
+            raise ConfigError("The dataset is empty: there is nothing to train on.")
+        self.first = self._convert(first)
+        cardinality = int(dataset.cardinality())
+        self.steps = steps_per_epoch if steps_per_epoch is not None else (cardinality if cardinality >= 0 else None)
+
+    def _convert(self, element) -> Data:
+        import keras
+
+        if isinstance(element, tuple) and self.with_targets:
+            if len(element) not in (2, 3):
+                raise ConfigError(f"dataset elements must be (x, y) or (x, y, sample_weight), got a tuple of {len(element)}.")
+            x, y, *sw = element
+        else:
+            x, y, sw = (element[0] if isinstance(element, tuple) else element), None, []
+        to_np = lambda t: keras.tree.map_structure(lambda a: np.asarray(a), t)  # noqa: E731
+        return _prepare(self.graph, to_np(x), to_np(y), to_np(sw[0]) if sw else None, None, with_targets=self.with_targets)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[Data, np.ndarray]]:
+        for step, element in enumerate(self.dataset):
+            if self.steps is not None and step >= self.steps:
+                break
+            data = self._convert(element)
+            yield data, np.arange(len(data))
+
+
+def source(graph: ModelGraph, x, y, sample_weight, class_weight, batch_size: int, with_targets: bool, shuffle=False, seed=0, steps_per_epoch=None):
+    """An ArraySource or DatasetSource for what the user passed as x."""
+    import tensorflow as tf
+
+    if isinstance(x, tf.data.Dataset):
+        if y is not None or sample_weight is not None or class_weight is not None:
+            raise ConfigError("With a tf.data.Dataset, targets and sample weights come from the dataset: do not pass y, sample_weight or class_weight.")
+        return DatasetSource(x, graph, with_targets, steps_per_epoch)
+    data = _prepare(graph, x, y, sample_weight, class_weight, with_targets)
+    return ArraySource(data, batch_size, shuffle, seed, steps_per_epoch)
+
+
 # ---- the distributed session -------------------------------------------------------
 def _env_default(value, var: str, default, kind=int):
     if value is not None:
@@ -203,11 +278,14 @@ class Session:
         return self.runner
 
     # ---- batches -------------------------------------------------------------
+    def split(self, idx: np.ndarray) -> list[np.ndarray]:
+        """This rank's micro-batches of a global batch: its replica's share, cut in up to M."""
+        mine = np.array_split(idx, self.R)[self.grid.replica]
+        return np.array_split(mine, min(self.M, len(mine))) if len(mine) else []
+
     def micro_batches(self, data: Data, idx: np.ndarray) -> tuple[list[MicroBatch], StepNorm]:
         """This rank's micro-batches of global batch `idx`, and the step's normalisers."""
-        shares = np.array_split(idx, self.R)
-        mine = shares[self.grid.replica]
-        parts = np.array_split(mine, min(self.M, len(mine))) if len(mine) else []
+        parts = self.split(idx)
         st = self.stage
         micro = [
             MicroBatch(
@@ -223,7 +301,7 @@ class Session:
             [len(idx) if k == "count" else float(data.sw[o][idx].sum()) if k == "weights" else 1.0 for o, k in enumerate(kinds)],
             np.float32,
         )
-        total_micro = sum(min(self.M, len(s)) for s in shares)
+        total_micro = sum(min(self.M, len(s)) for s in np.array_split(idx, self.R))
         return micro, StepNorm(divisors, 1.0 / max(total_micro, 1))
 
     # ---- logs ----------------------------------------------------------------
@@ -243,21 +321,17 @@ class Session:
             logs[prefix + k] = v
         return {k: float(v) for k, v in logs.items()}, bool(total[1] > 0)
 
-    def run_epoch(self, data: Data, batch_size: int, order: np.ndarray, train: bool, on_batch=None, prefix: str = ""):
-        """One pass over `order` in global batches; returns the aggregated logs."""
-        runner = self.runner
+    def run_epoch(self, batches: Iterable[tuple[Data, np.ndarray]], train: bool, on_batch=None, prefix: str = "") -> dict[str, float]:
+        """One pass over `batches` (global batches); returns the aggregated logs."""
         self.objective.reset_metrics()
-        nout = len(self.plan.graph.output_names)
-        loss_sum, parts_sum, seen = 0.0, np.zeros(nout), 0
+        loss_sum, parts_sum, seen = 0.0, np.zeros(len(self.plan.graph.output_names)), 0
         logs: dict[str, float] = {}
-        steps = -(-len(order) // batch_size)
-        for step in range(steps):
-            idx = order[step * batch_size : (step + 1) * batch_size]
+        for step, (data, idx) in enumerate(batches):
             micro, norm = self.micro_batches(data, idx)
             if train:
-                loss, parts = runner.train_step(micro, norm)
+                loss, parts = self.runner.train_step(micro, norm)
             else:
-                loss, parts, _ = runner.infer(micro, norm)
+                loss, parts, _ = self.runner.infer(micro, norm)
             loss_sum += loss * len(idx)
             parts_sum += parts * len(idx)
             seen += len(idx)
@@ -349,19 +423,30 @@ def fit(
         raise ConfigError(f"validation_split must be in [0, 1), got {validation_split}.")
     session = Session(model, num_partitions, num_replicas, num_microbatches, schedule, balance, memory_limit, placement_policy, comm)
     graph = session.plan.graph
-    data = _prepare(graph, x, y, sample_weight, class_weight, with_targets=True)
+    if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
+        raise ConfigError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}.")
+    train = source(graph, x, y, sample_weight, class_weight, batch_size, True, shuffle, seed, steps_per_epoch)
     val = None
     if validation_split:
+        if not isinstance(train, ArraySource):
+            raise ConfigError("validation_split needs arrays; with a tf.data.Dataset pass validation_data.")
+        data = train.data
         cut = int(len(data) * (1.0 - validation_split))
         if cut == 0 or cut == len(data):
             raise ConfigError(f"validation_split={validation_split} leaves no training or no validation samples out of {len(data)}.")
-        data, val = data.take(np.arange(cut)), data.take(np.arange(cut, len(data)))
+        train = ArraySource(data.take(np.arange(cut)), batch_size, shuffle, seed, steps_per_epoch)
+        val = ArraySource(data.take(np.arange(cut, len(data))), batch_size)
     elif validation_data is not None:
-        if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
-            raise ConfigError("validation_data must be (x, y) or (x, y, sample_weight).")
-        vx, vy, *vsw = validation_data
-        val = _prepare(graph, vx, vy, vsw[0] if vsw else None, None, with_targets=True)
-    session.start(data)
+        import tensorflow as tf
+
+        if isinstance(validation_data, tf.data.Dataset):
+            val = DatasetSource(validation_data, graph, True)
+        elif isinstance(validation_data, (tuple, list)) and len(validation_data) in (2, 3):
+            vx, vy, *vsw = validation_data
+            val = source(graph, vx, vy, vsw[0] if vsw else None, None, batch_size, True)
+        else:
+            raise ConfigError("validation_data must be (x, y), (x, y, sample_weight) or a tf.data.Dataset.")
+    session.start(train.first)
     opt_state = None
     if resume_from is not None:
         opt_state = checkpoint.load(model, resume_from)
@@ -375,17 +460,11 @@ def fit(
     if verbose == "auto":
         verbose = 1
     cbs = [cb for cb in (callbacks or []) if world_rank == 0 or not isinstance(cb, RANK0_CALLBACKS)]
-    steps = -(-len(data) // batch_size)
-    if steps_per_epoch is not None:
-        if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
-            raise ConfigError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}.")
-        steps = steps_per_epoch
     callback_list = keras.callbacks.CallbackList(
-        cbs, add_history=True, add_progbar=bool(verbose) and world_rank == 0, model=model, verbose=verbose, epochs=epochs, steps=steps
+        cbs, add_history=True, add_progbar=bool(verbose) and world_rank == 0, model=model, verbose=verbose, epochs=epochs, steps=train.steps
     )
     history = next(cb for cb in callback_list.callbacks if isinstance(cb, keras.callbacks.History))
     needs_weights_on_rank0 = session.world.allreduce(int(any(isinstance(cb, keras.callbacks.ModelCheckpoint) for cb in cbs)), op=MPI.MAX)
-    rng_base = np.random.SeedSequence(seed)
 
     with distributed():
         with phase("initial weight broadcast"):
@@ -393,12 +472,9 @@ def fit(
         model.stop_training = False
         with phase("callback on_train_begin"):
             callback_list.on_train_begin()
-        position = 0
         for epoch in range(initial_epoch, epochs):
             with phase(f"callback on_epoch_begin (epoch {epoch})"):
                 callback_list.on_epoch_begin(epoch)
-            order = _epoch_order(len(data), steps * batch_size if steps_per_epoch else None, position, shuffle, rng_base, epoch)
-            position += len(order)
 
             def on_batch(step, logs, stop, epoch=epoch):
                 with phase(f"callback on_train_batch_end (epoch {epoch}, step {step})"):
@@ -407,9 +483,9 @@ def fit(
                 model.stop_training = stopping
                 return stopping
 
-            logs = session.run_epoch(data, batch_size, order, train=True, on_batch=on_batch)
+            logs = session.run_epoch(train.epoch(epoch), train=True, on_batch=on_batch)
             if val is not None:
-                logs.update(session.run_epoch(val, batch_size, np.arange(len(val)), train=False, prefix="val_"))
+                logs.update(session.run_epoch(val.epoch(0), train=False, prefix="val_"))
             session.sync_state()
             saving = checkpoint_dir is not None and (epoch + 1) % checkpoint_every == 0
             if needs_weights_on_rank0 or saving:
@@ -433,21 +509,6 @@ def fit(
     return history
 
 
-def _epoch_order(n: int, want: int | None, position: int, shuffle: bool, seed: np.random.SeedSequence, epoch: int) -> np.ndarray:
-    """Sample order of one epoch, identical on every rank. With `want` samples
-    (steps_per_epoch), epochs cycle through the data, each continuing where the last stopped."""
-
-    def one_pass(p: int) -> np.ndarray:
-        return np.random.default_rng([seed.entropy, p]).permutation(n) if shuffle else np.arange(n)
-
-    if want is None:
-        return one_pass(epoch)
-    first, last = position // n, (position + want - 1) // n
-    stream = np.concatenate([one_pass(p) for p in range(first, last + 1)])
-    start = position - first * n
-    return stream[start : start + want]
-
-
 def evaluate(
     model,
     x=None,
@@ -461,16 +522,16 @@ def evaluate(
     return_dict: bool = False,
     balance=None,
     comm=None,
-    verbose: int | str = 0,
 ):
-    """`model.evaluate` across the grid: the loss (and metrics), equal on every rank."""
+    """`model.evaluate` across the grid: the loss (and metrics), equal on every rank.
+    Weights are taken from rank 0 (where `fit` gathers them)."""
     batch_size = _check_batch(batch_size)
     session = Session(model, num_partitions, num_replicas, num_microbatches, "1f1b", balance, None, "pipeline", comm)
-    data = _prepare(session.plan.graph, x, y, sample_weight, None, with_targets=True)
-    session.start(data)
+    data = source(session.plan.graph, x, y, sample_weight, None, batch_size, True)
+    session.start(data.first)
     with distributed():
         broadcast_variables(session.world, model.variables, root=0)
-        logs = session.run_epoch(data, batch_size, np.arange(len(data)), train=False)
+        logs = session.run_epoch(data.epoch(0), train=False)
     if return_dict:
         return logs
     values = list(logs.values())
@@ -487,28 +548,30 @@ def predict(
     num_microbatches: int | None = None,
     balance=None,
     comm=None,
-    verbose: int | str = 0,
 ):
-    """`model.predict` across the grid; every rank returns the full predictions."""
+    """`model.predict` across the grid; every rank returns the full predictions.
+    Weights are taken from rank 0 (where `fit` gathers them)."""
     batch_size = _check_batch(batch_size)
     session = Session(model, num_partitions, num_replicas, num_microbatches, "1f1b", balance, None, "pipeline", comm)
     graph = session.plan.graph
-    data = _prepare(graph, x, None, None, None, with_targets=False)
-    runner = session.start(data)
-    n = len(data)
+    data = source(graph, x, None, None, None, batch_size, False)
+    runner = session.start(data.first)
     specs = [graph.tensors[t] for t in graph.output_tensors]
-    results = [np.zeros((n,) + tuple(s.shape), np.float64) for s in specs]
+    chunks: list[list[np.ndarray]] = [[] for _ in specs]
     with distributed():
         broadcast_variables(session.world, model.variables, root=0)
-        for step in range(-(-n // batch_size)):
-            idx = np.arange(step * batch_size, min((step + 1) * batch_size, n))
-            micro, norm = session.micro_batches(data, idx)
+        for batch, idx in data.epoch(0):
+            micro, norm = session.micro_batches(batch, idx)
             _, _, outs = runner.infer(micro, norm)
-            rows = np.array_split(np.array_split(idx, session.R)[session.grid.replica], max(len(micro), 1))
-            for part, preds in zip(rows, outs):
-                for pos, p in zip(session.stage.model_outputs, preds):
-                    results[pos][part] = np.asarray(p)
-        for r in results:
-            session.world.Allreduce(MPI.IN_PLACE, r, op=MPI.SUM)
-    out = [r.astype(np.dtype(s.dtype) if "float" in s.dtype else r.dtype) for r, s in zip(results, specs)]
+            # Each output's owners fill their rows; a sum over the world assembles the batch.
+            position = {row: k for k, row in enumerate(idx)}
+            for pos, spec in enumerate(specs):
+                rows = np.zeros((len(idx),) + tuple(spec.shape), np.float64)
+                if pos in session.stage.model_outputs:
+                    slot = session.stage.model_outputs.index(pos)
+                    for part, preds in zip(session.split(idx), outs):
+                        rows[[position[r] for r in part]] = np.asarray(preds[slot])
+                session.world.Allreduce(MPI.IN_PLACE, rows, op=MPI.SUM)
+                chunks[pos].append(rows.astype(np.dtype(spec.dtype) if "float" in spec.dtype else np.float64))
+    out = [np.concatenate(c) for c in chunks]
     return out[0] if len(out) == 1 else out
