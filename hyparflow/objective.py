@@ -40,14 +40,14 @@ def _per_output(spec, names: list[str], what: str) -> list[Any]:
 class Objective:
     """Per-output losses, loss weights and metrics of a compiled model."""
 
-    def __init__(self, model, output_names: list[str], y_sample: Sequence[np.ndarray | None], pred_specs: Sequence[Any]):
+    def __init__(self, model, output_names: list[str], y_sample: Sequence[np.ndarray | None], pred_specs: Sequence[Any], need_loss: bool = True):
         compile_loss = getattr(model, "_compile_loss", None)
-        if compile_loss is None or getattr(model, "optimizer", None) is None:
-            raise ConfigError(f"Model '{model.name}' is not compiled: call model.compile(optimizer=..., loss=...) before hyparflow.fit.")
+        if need_loss and (compile_loss is None or getattr(model, "optimizer", None) is None):
+            raise ConfigError(f"Model '{model.name}' is not compiled: call model.compile(optimizer=..., loss=...) before hyparflow.fit or evaluate.")
         self.names = output_names
         multi = len(output_names) > 1
-        losses = _per_output(compile_loss._user_loss, output_names, "loss")
-        weights = compile_loss._user_loss_weights
+        losses = _per_output(compile_loss._user_loss, output_names, "loss") if compile_loss is not None else [None] * len(output_names)
+        weights = compile_loss._user_loss_weights if compile_loss is not None else None
         weights = _per_output(weights, output_names, "loss_weights") if weights is not None else [None] * len(output_names)
         self.losses, self.loss_weights = [], []
         for y, spec, ident, lw, name in zip(y_sample, pred_specs, losses, weights, output_names, strict=True):
@@ -55,7 +55,7 @@ class Objective:
                 raise ConfigError(f"loss_weights for output '{name}' must be a number, got {lw!r}.")
             self.losses.append(get_loss(ident, y, spec) if y is not None and ident is not None else None)
             self.loss_weights.append(1.0 if lw is None else float(lw))
-        if all(fn is None for fn in self.losses):
+        if need_loss and all(fn is None for fn in self.losses):
             raise ConfigError("No loss to compute: give model.compile a loss for at least one output (and targets for it).")
         cm = getattr(model, "_compile_metrics", None)
         user_metrics = _per_output(cm._user_metrics, output_names, "metrics") if cm is not None else [None] * len(output_names)

@@ -70,8 +70,19 @@ class Stage:
 
     @property
     def losses(self) -> list[Any]:
-        """Regularization and `add_loss` losses of this stage's layers (call after forward)."""
-        return [loss for layer in self.unique_layers for loss in layer.losses]
+        """All regularization and `add_loss` losses of this stage's layers (after forward)."""
+        return self.weight_losses + self.call_losses
+
+    @property
+    def weight_losses(self) -> list[Any]:
+        """Weight regularizer losses: they depend on the weights only, not on the batch."""
+        return [loss for layer in self.unique_layers for loss in layer._get_regularization_losses()]
+
+    @property
+    def call_losses(self) -> list[Any]:
+        """Losses added during the last forward (activity regularizers, `add_loss` in call):
+        computed on that batch, so they add up over micro-batches."""
+        return [loss for layer in self.unique_layers for sub in layer._flatten_layers() for loss in sub._get_own_losses()]
 
     def forward(self, feeds: dict[int, Any], training: bool) -> dict[int, Any]:
         """Run the stage. `feeds` maps tensor index -> value for its received boundary

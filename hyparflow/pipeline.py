@@ -61,7 +61,8 @@ class StepNorm:
     """Normalisers that make micro-batch losses add up to the global-batch loss."""
 
     divisors: np.ndarray  # per model output: global sample count, or sum of sample weights
-    reg_scale: float  # 1 / micro-batches run by all replicas of a stage this step
+    reg_scale: float  # 1 / micro-batches run by all replicas of a stage this step (weight regularizers count once)
+    count: int  # samples in the global batch: call-time losses (activity regularizers) are per-sample means
 
 
 def np_dtype(name: str) -> np.dtype:
@@ -121,7 +122,9 @@ class StageRunner:
             out = st.forward(feeds, training=training)
             preds = [out[t] for t in st.output_tensors]
             loss, per_output = obj.stage_loss(st.model_outputs, ys, preds, sws, divisors)
-            reg = obj.regularization(st.losses) * reg_scale
+            # reg_scale[0]: weight regularizers, once per step; reg_scale[1]: this micro-batch's
+            # share of the global batch, for per-sample-mean losses added in call()
+            reg = obj.regularization(st.weight_losses) * reg_scale[0] + obj.regularization(st.call_losses) * reg_scale[1]
             obj.update_metrics(st.model_outputs, ys, preds, sws)
             return [out[t] for t in self.send_ids], loss + reg, per_output, preds
 
@@ -155,9 +158,8 @@ class StageRunner:
             for a in self.acc:
                 a.assign(tf.zeros_like(a))
 
-        def infer(recv_vals, data_vals, ys, sws, divisors):
-            sends, loss, per_output, preds = forward(recv_vals, data_vals, ys, sws, divisors, 0.0, False)
-            return sends, loss, per_output, preds
+        def infer(recv_vals, data_vals, ys, sws, divisors, reg_scale):
+            return forward(recv_vals, data_vals, ys, sws, divisors, reg_scale, False)
 
         self._train_forward = tf.function(train_forward)
         self._fused_step = tf.function(fused_step)
@@ -189,6 +191,10 @@ class StageRunner:
         array = value.numpy() if hasattr(value, "numpy") else value
         pending.append((array, self.net.isend(array, dest, tag)))
 
+    @staticmethod
+    def _reg_scale(norm: StepNorm, mb: MicroBatch):
+        return tf.constant([norm.reg_scale, mb.size / norm.count], tf.float32)
+
     def _inputs(self, posted, m: int, mb: MicroBatch):
         recv_vals = [tf.convert_to_tensor(self._take(posted, m, t, self.src[t], f"activations of micro-batch {m}")) for t in self.stage.recv]
         return (
@@ -208,7 +214,6 @@ class StageRunner:
         pending: list = []
         stash: dict[int, Any] = {}
         divisors = tf.constant(norm.divisors, tf.float32)
-        reg_scale = tf.constant(norm.reg_scale, tf.float32)
         loss_total, parts = 0.0, np.zeros(len(self.plan.graph.output_names))
         with phase("forward/backward"):
             for op, m in schedule(self.schedule_kind, self.plan.num_partitions, self.grid.stage, len(micro)):
@@ -216,14 +221,14 @@ class StageRunner:
                     args = self._inputs(fwd_posted, m, micro[m])
                     t0 = time.perf_counter()
                     if self.fused:
-                        sends, in_grads, loss, per_output = self._fused_step(*args, divisors, reg_scale)
+                        sends, in_grads, loss, per_output = self._fused_step(*args, divisors, self._reg_scale(norm, micro[m]))
                         stash[m] = in_grads
                     else:
                         tape = tf.GradientTape()
                         with tape:
                             float_in = [v for t, v in zip(self.stage.recv, args[0]) if t in self.recv_float]
                             tape.watch(float_in)
-                            sends, loss, per_output = self._train_forward(*args, divisors, reg_scale)
+                            sends, loss, per_output = self._train_forward(*args, divisors, self._reg_scale(norm, micro[m]))
                         stash[m] = (tape, float_in, loss, [s for t, s in zip(self.send_ids, sends) if t in self.send_float])
                     self.timers["compute"] += time.perf_counter() - t0
                     loss_total += float(loss)
@@ -273,7 +278,7 @@ class StageRunner:
         loss_total, parts, outputs = 0.0, np.zeros(len(self.plan.graph.output_names)), []
         with phase("forward"):
             for m, mb in enumerate(micro):
-                sends, loss, per_output, preds = self._infer(*self._inputs(posted, m, mb), divisors)
+                sends, loss, per_output, preds = self._infer(*self._inputs(posted, m, mb), divisors, self._reg_scale(norm, mb))
                 loss_total += float(loss)
                 parts[self.stage.model_outputs] += [float(p) for p in per_output]
                 outputs.append(preds)

@@ -270,10 +270,12 @@ class Session:
                 "model with the same layer names and shapes (build it the same way on every rank, with fixed names or seeds)."
             )
 
-    def start(self, data: Data) -> StageRunner:
+    def start(self, data: Data, need_loss: bool = True) -> StageRunner:
+        """Resolve the compiled loss and metrics against a sample batch and build the stage runner."""
         if self.runner is None:
             specs = [self.plan.graph.tensors[t].ref for t in self.plan.graph.output_tensors]
-            self.objective = Objective(self.model, self.plan.graph.output_names, [None if y is None else y[:2] for y in data.y], specs)
+            y_sample = [None if y is None else y[:2] for y in data.y]
+            self.objective = Objective(self.model, self.plan.graph.output_names, y_sample, specs, need_loss)
             self.runner = StageRunner(self.plan, self.grid, self.objective, self.model.optimizer, self.schedule)
         return self.runner
 
@@ -302,24 +304,35 @@ class Session:
             np.float32,
         )
         total_micro = sum(min(self.M, len(s)) for s in np.array_split(idx, self.R))
-        return micro, StepNorm(divisors, 1.0 / max(total_micro, 1))
+        return micro, StepNorm(divisors, 1.0 / max(total_micro, 1), len(idx))
 
     # ---- logs ----------------------------------------------------------------
-    def logs(self, loss_sum: float, parts_sum: np.ndarray, seen: int, stop: bool, prefix: str = "") -> tuple[dict[str, float], bool]:
+    def logs(self, loss_sum: float, parts_sum: np.ndarray, seen: int, prefix: str = "") -> dict[str, float]:
         """Aggregate loss and metric states over the world (one Allreduce); equal on every rank."""
         obj = self.objective
-        local = np.concatenate([[loss_sum, float(stop)], parts_sum, obj.metric_state(self.stage.model_outputs)])
-        total = np.empty_like(local)
-        with phase("log aggregation"):
-            self.world.Allreduce(local, total, op=MPI.SUM)
+        local = np.concatenate([[loss_sum], parts_sum, obj.metric_state(self.stage.model_outputs)])
+        total = self.allreduce(local, "log aggregation")
         logs = {f"{prefix}loss": total[0] / max(seen, 1)}
         nout = len(parts_sum)
         if nout > 1:
-            for name, v in zip(obj.names, total[2 : 2 + nout]):
+            for name, v in zip(obj.names, total[1 : 1 + nout]):
                 logs[f"{prefix}{name}_loss"] = v / max(seen, 1)
-        for k, v in obj.metric_results(total[2 + nout :]).items():
+        for k, v in obj.metric_results(total[1 + nout :]).items():
             logs[prefix + k] = v
-        return {k: float(v) for k, v in logs.items()}, bool(total[1] > 0)
+        return {k: float(v) for k, v in logs.items()}
+
+    def allreduce(self, local: np.ndarray, what: str) -> np.ndarray:
+        """Sum a small float64 vector over the world, with the stall watchdog."""
+        total = np.empty_like(local)
+        with phase(what):
+            self.runner.net.allreduce_sum(self.world, local, total, what)
+        return total
+
+    def agree_to_stop(self) -> bool:
+        """Whether any rank's callbacks asked to stop (model.stop_training): one decision for all."""
+        stop = self.allreduce(np.array([float(bool(self.model.stop_training))]), "stop decision")[0] > 0
+        self.model.stop_training = bool(stop)
+        return bool(stop)
 
     def run_epoch(self, batches: Iterable[tuple[Data, np.ndarray]], train: bool, on_batch=None, prefix: str = "") -> dict[str, float]:
         """One pass over `batches` (global batches); returns the aggregated logs."""
@@ -327,6 +340,8 @@ class Session:
         loss_sum, parts_sum, seen = 0.0, np.zeros(len(self.plan.graph.output_names)), 0
         logs: dict[str, float] = {}
         for step, (data, idx) in enumerate(batches):
+            if on_batch is not None:
+                on_batch(step, None)
             micro, norm = self.micro_batches(data, idx)
             if train:
                 loss, parts = self.runner.train_step(micro, norm)
@@ -336,11 +351,12 @@ class Session:
             parts_sum += parts * len(idx)
             seen += len(idx)
             if on_batch is not None:
-                logs, stop = self.logs(loss_sum, parts_sum, seen, bool(self.model.stop_training), prefix)
-                if on_batch(step, logs, stop):
+                logs = self.logs(loss_sum, parts_sum, seen, prefix)
+                on_batch(step, logs)
+                if self.agree_to_stop():
                     break
         if on_batch is None or not logs:
-            logs, _ = self.logs(loss_sum, parts_sum, seen, False, prefix)
+            logs = self.logs(loss_sum, parts_sum, seen, prefix)
         return logs
 
     def sync_state(self) -> None:
@@ -476,12 +492,13 @@ def fit(
             with phase(f"callback on_epoch_begin (epoch {epoch})"):
                 callback_list.on_epoch_begin(epoch)
 
-            def on_batch(step, logs, stop, epoch=epoch):
-                with phase(f"callback on_train_batch_end (epoch {epoch}, step {step})"):
-                    callback_list.on_train_batch_end(step, logs)
-                stopping = stop or bool(model.stop_training)
-                model.stop_training = stopping
-                return stopping
+            def on_batch(step, logs, epoch=epoch):
+                """Batch callbacks: logs=None before the step, the aggregated logs after it."""
+                with phase(f"callback on_train_batch_{'begin' if logs is None else 'end'} (epoch {epoch}, step {step})"):
+                    if logs is None:
+                        callback_list.on_train_batch_begin(step)
+                    else:
+                        callback_list.on_train_batch_end(step, logs)
 
             logs = session.run_epoch(train.epoch(epoch), train=True, on_batch=on_batch)
             if val is not None:
@@ -498,9 +515,7 @@ def fit(
                         checkpoint.prune(checkpoint_dir, checkpoint_keep)
             with phase(f"callback on_epoch_end (epoch {epoch})"):
                 callback_list.on_epoch_end(epoch, logs)
-            stop = session.world.allreduce(int(bool(model.stop_training)), op=MPI.MAX)
-            model.stop_training = bool(stop)
-            if model.stop_training:
+            if session.agree_to_stop():
                 break
         with phase("callback on_train_end"):
             callback_list.on_train_end()
@@ -555,7 +570,7 @@ def predict(
     session = Session(model, num_partitions, num_replicas, num_microbatches, "1f1b", balance, None, "pipeline", comm)
     graph = session.plan.graph
     data = source(graph, x, None, None, None, batch_size, False)
-    runner = session.start(data.first)
+    runner = session.start(data.first, need_loss=False)
     specs = [graph.tensors[t] for t in graph.output_tensors]
     chunks: list[list[np.ndarray]] = [[] for _ in specs]
     with distributed():

@@ -15,6 +15,7 @@ CASES = [
     "densenet P2 R2 M2 adam",
     "multi_io P4 M4 sample weights adam",
     "multi_io P2 R2 M2 gpipe",
+    "multi_io P1 R4 M2 sgd",
     "shared P2 R2 M2 adam",
     "nested P4 M2",
     "sequential P2 R2 M2 adam",
