@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import sys
 
-import hyparflow as hf  # first: sets thread counts before TensorFlow starts
 import keras
 import numpy as np
 import zoo
 from mpi4py import MPI
 
+import hyparflow as hf
 from hyparflow.checkpoint import optimizer_state
 
 world = MPI.COMM_WORLD
@@ -25,9 +25,7 @@ def compiled(name, optimizer):
     n_out = len(model.outputs)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model.compile(
-        optimizer=keras.optimizers.get(optimizer)
-        if isinstance(optimizer, str)
-        else keras.optimizers.SGD(0.1),
+        optimizer=keras.optimizers.get(optimizer) if isinstance(optimizer, str) else keras.optimizers.SGD(0.1),
         loss=[loss] * n_out if n_out > 1 else loss,
         loss_weights=[1.0, 0.5] if n_out > 1 else None,
         metrics=[["accuracy"]] * n_out if n_out > 1 else ["accuracy"],
@@ -46,7 +44,20 @@ def case(key, name, P, M, schedule="1f1b", optimizer="sgd", n=48, batch=16, weig
     sw = np.random.default_rng(5).uniform(0.2, 2.0, n).astype("float32") if weights else None
     x = xs if len(xs) > 1 else xs[0]
     y = ys if len(ys) > 1 else ys[0]
-    hist = hf.fit(model, x, y, batch_size=batch, epochs=epochs, num_partitions=P, num_microbatches=M, schedule=schedule, shuffle=False, verbose=0, sample_weight=sw, balance="flops")
+    hist = hf.fit(
+        model,
+        x,
+        y,
+        batch_size=batch,
+        epochs=epochs,
+        num_partitions=P,
+        num_microbatches=M,
+        schedule=schedule,
+        shuffle=False,
+        verbose=0,
+        sample_weight=sw,
+        balance="flops",
+    )
     # optimizer state lives only where its variables do
     mine = sorted({k[0] for k in optimizer_state(model.optimizer, model) if isinstance(k[0], int)})
     owned = world.gather(mine, root=0)

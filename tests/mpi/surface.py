@@ -8,13 +8,13 @@ import os
 import sys
 import tempfile
 
-import hyparflow as hf  # first: sets thread counts before TensorFlow starts
 import keras
 import numpy as np
 import tensorflow as tf
 import zoo
 from mpi4py import MPI
 
+import hyparflow as hf
 from hyparflow import data as datasets
 from hyparflow import models
 
