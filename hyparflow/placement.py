@@ -94,10 +94,16 @@ def configure_threads(bind: bool = False) -> int:
     local_rank = _env_int(_LOCAL_RANK_VARS) or 0
     cores = node_cores()
     mine = split_cores(cores, local_size, local_rank)
-    threads = str(len(mine))
-    for var in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS"):
-        os.environ.setdefault(var, threads)
-    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1" if local_size > 1 else "2")
+    # Values a parent hyparflow process chose (listed in HYPARFLOW_AUTO_THREADS) are not the
+    # user's: recompute them for this process's place on the node.
+    inherited = set(filter(None, os.environ.get("HYPARFLOW_AUTO_THREADS", "").split(",")))
+    wanted = {"OMP_NUM_THREADS": str(len(mine)), "TF_NUM_INTRAOP_THREADS": str(len(mine)), "TF_NUM_INTEROP_THREADS": "1" if local_size > 1 else "2"}
+    chosen = []
+    for var, value in wanted.items():
+        if var not in os.environ or var in inherited:
+            os.environ[var] = value
+            chosen.append(var)
+    os.environ["HYPARFLOW_AUTO_THREADS"] = ",".join(chosen)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if bind or os.environ.get("HYPARFLOW_BIND") == "1":
         try:
