@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -63,6 +63,19 @@ class StepNorm:
     divisors: np.ndarray  # per model output: global sample count, or sum of sample weights
     reg_scale: float  # 1 / micro-batches run by all replicas of a stage this step (weight regularizers count once)
     count: int  # samples in the global batch: call-time losses (activity regularizers) are per-sample means
+
+
+@dataclass
+class _Step:
+    """Bookkeeping of one training step on one stage."""
+
+    fwd_posted: dict
+    bwd_posted: dict
+    divisors: Any
+    parts: np.ndarray
+    loss: float = 0.0
+    pending: list = field(default_factory=list)  # (buffer, request) of sends in flight
+    stash: dict = field(default_factory=dict)  # micro-batch -> what its backward needs
 
 
 def np_dtype(name: str) -> np.dtype:
@@ -209,55 +222,21 @@ class StageRunner:
         """Run the schedule over `micro`, all-reduce, apply. Returns this rank's share of
         the step's loss, and of each output's unweighted loss."""
         sizes = [mb.size for mb in micro]
-        fwd_posted = self._post_recvs(sizes, self.stage.recv, lambda t: [self.src[t]], 0)
-        bwd_posted = self._post_recvs(sizes, self.send_float, lambda t: self.dests[t], 1)
-        pending: list = []
-        stash: dict[int, Any] = {}
-        divisors = tf.constant(norm.divisors, tf.float32)
-        loss_total, parts = 0.0, np.zeros(len(self.plan.graph.output_names))
-        with phase("forward/backward"):
-            for op, m in schedule(self.schedule_kind, self.plan.num_partitions, self.grid.stage, len(micro)):
-                if op == FORWARD:
-                    args = self._inputs(fwd_posted, m, micro[m])
-                    t0 = time.perf_counter()
-                    if self.fused:
-                        sends, in_grads, loss, per_output = self._fused_step(*args, divisors, self._reg_scale(norm, micro[m]))
-                        stash[m] = in_grads
-                    else:
-                        tape = tf.GradientTape()
-                        with tape:
-                            float_in = [v for t, v in zip(self.stage.recv, args[0]) if t in self.recv_float]
-                            tape.watch(float_in)
-                            sends, loss, per_output = self._train_forward(*args, divisors, self._reg_scale(norm, micro[m]))
-                        stash[m] = (tape, float_in, loss, [s for t, s in zip(self.send_ids, sends) if t in self.send_float])
-                    self.timers["compute"] += time.perf_counter() - t0
-                    loss_total += float(loss)
-                    parts[self.stage.model_outputs] += [float(p) for p in per_output]
-                    for t, value in zip(self.send_ids, sends):
-                        for d in self.dests[t]:
-                            self._send(pending, value, d, self.tag[t])
-                else:
-                    if self.fused:
-                        in_grads = stash.pop(m)
-                    else:
-                        tape, float_in, loss, float_out = stash.pop(m)
-                        out_grads = []
-                        for t in self.send_float:
-                            pieces = [self._take(bwd_posted, m, t, d, f"gradients of micro-batch {m}") for d in self.dests[t]]
-                            out_grads.append(tf.convert_to_tensor(pieces[0] if len(pieces) == 1 else np.sum(pieces, axis=0)))
-                        t0 = time.perf_counter()
-                        grads = tape.gradient(
-                            [loss] + float_out,
-                            self.variables + float_in,
-                            output_gradients=[tf.ones_like(loss)] + out_grads,
-                            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-                        )
-                        self._accumulate(grads[: len(self.variables)])
-                        in_grads = grads[len(self.variables) :]
-                        self.timers["compute"] += time.perf_counter() - t0
-                    for t, g in zip(self.recv_float, in_grads):
-                        self._send(pending, g, self.src[t], self.tag[t] + 1)
-            self.net.wait([r for _, r in pending], "sends to neighbouring stages")
+        step = _Step(
+            fwd_posted=self._post_recvs(sizes, self.stage.recv, lambda t: [self.src[t]], 0),
+            bwd_posted=self._post_recvs(sizes, self.send_float, lambda t: self.dests[t], 1),
+            divisors=tf.constant(norm.divisors, tf.float32),
+            parts=np.zeros(len(self.plan.graph.output_names)),
+        )
+        for op, m in schedule(self.schedule_kind, self.plan.num_partitions, self.grid.stage, len(micro)):
+            if op == FORWARD:
+                with phase(f"{'forward and backward' if self.fused else 'forward'} (micro-batch {m})"):
+                    self._forward_op(step, m, micro[m], norm)
+            else:
+                with phase(f"backward (micro-batch {m})"):
+                    self._backward_op(step, m)
+        with phase("sends to neighbouring stages"):
+            self.net.wait([r for _, r in step.pending], "sends to neighbouring stages")
         with phase("allreduce"):
             t0 = time.perf_counter()
             flat = self._flat_grads().numpy()
@@ -267,7 +246,49 @@ class StageRunner:
         with phase("optimizer"):
             if self.variables:
                 self._apply(tf.convert_to_tensor(summed))
-        return loss_total, parts
+        return step.loss, step.parts
+
+    def _forward_op(self, step: _Step, m: int, mb: MicroBatch, norm: StepNorm) -> None:
+        args = self._inputs(step.fwd_posted, m, mb)
+        t0 = time.perf_counter()
+        if self.fused:
+            sends, in_grads, loss, per_output = self._fused_step(*args, step.divisors, self._reg_scale(norm, mb))
+            step.stash[m] = in_grads
+        else:
+            tape = tf.GradientTape()
+            with tape:
+                float_in = [v for t, v in zip(self.stage.recv, args[0]) if t in self.recv_float]
+                tape.watch(float_in)
+                sends, loss, per_output = self._train_forward(*args, step.divisors, self._reg_scale(norm, mb))
+            step.stash[m] = (tape, float_in, loss, [s for t, s in zip(self.send_ids, sends) if t in self.send_float])
+        self.timers["compute"] += time.perf_counter() - t0
+        step.loss += float(loss)
+        step.parts[self.stage.model_outputs] += [float(p) for p in per_output]
+        for t, value in zip(self.send_ids, sends):
+            for d in self.dests[t]:
+                self._send(step.pending, value, d, self.tag[t])
+
+    def _backward_op(self, step: _Step, m: int) -> None:
+        if self.fused:
+            in_grads = step.stash.pop(m)  # computed with the forward
+        else:
+            tape, float_in, loss, float_out = step.stash.pop(m)
+            out_grads = []
+            for t in self.send_float:
+                pieces = [self._take(step.bwd_posted, m, t, d, f"gradients of micro-batch {m}") for d in self.dests[t]]
+                out_grads.append(tf.convert_to_tensor(pieces[0] if len(pieces) == 1 else np.sum(pieces, axis=0)))
+            t0 = time.perf_counter()
+            grads = tape.gradient(
+                [loss] + float_out,
+                self.variables + float_in,
+                output_gradients=[tf.ones_like(loss)] + out_grads,
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+            self._accumulate(grads[: len(self.variables)])
+            in_grads = grads[len(self.variables) :]
+            self.timers["compute"] += time.perf_counter() - t0
+        for t, g in zip(self.recv_float, in_grads):
+            self._send(step.pending, g, self.src[t], self.tag[t] + 1)
 
     # ---- forward only ----------------------------------------------------------
     def infer(self, micro: list[MicroBatch], norm: StepNorm) -> tuple[float, np.ndarray, list[list[Any]]]:
