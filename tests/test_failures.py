@@ -63,6 +63,18 @@ def test_kill_9_ends_job_and_resume_reaches_uninterrupted_weights(tmp_path):
 
 
 @pytest.mark.mpi
+def test_stall_is_reported_then_aborted(tmp_path):
+    start = time.time()
+    env = mpi_env(HYPARFLOW_STALL_WARN="3", HYPARFLOW_STALL_ABORT="8", HYPARFLOW_FAULT_STAMP=str(tmp_path / "s"))
+    proc = mpirun(4, [sys.executable, str(SCRIPTS / "faults.py"), "stall", "1"], timeout=120, env=env, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert re.search(r"rank [023] \(replica \d, stage \d\) has waited \d+ s for the other ranks in a collective \(log aggregation\)", out), out[-3000:]
+    assert re.search(r"stalled \d+ s waiting for the other ranks", out)
+    assert time.time() - start < 60  # not the 60 s the sleeping rank would take
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize(
     "case, message",
     [("mismatch", r"The model differs between ranks \(ranks \[1\] differ from rank 0\)"), ("worldsize", r"4 ranks, not a multiple of num_partitions=3")],

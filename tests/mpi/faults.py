@@ -136,6 +136,15 @@ elif what == "kill":
         with open(out, "w") as f:
             json.dump({"err": err, "resumed": resuming}, f)
 
+elif what == "stall":
+
+    class Sleepy(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if rank == FAIL_RANK and batch == FAIL_STEP:
+                time.sleep(60)
+
+    hf.fit(model(), X, Y, batch_size=16, num_partitions=2, verbose=0, callbacks=[Sleepy()])
+
 elif what == "mismatch":
     hf.fit(model(width=16 if rank != 1 else 12), X, Y, batch_size=16, num_partitions=2, verbose=0)
 
