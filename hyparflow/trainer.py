@@ -208,7 +208,7 @@ def _env_default(value, var: str, default, kind=int):
 class Session:
     """A model planned and placed on the job's ranks, ready to run steps."""
 
-    def __init__(self, model, num_partitions, num_replicas, num_microbatches, schedule, balance, memory_limit, placement_policy: str, comm=None):
+    def __init__(self, model, num_partitions, num_replicas, num_microbatches, schedule, balance, memory_limit, placement_policy: str, comm=None, announce=False):
         self.world = comm if comm is not None else MPI.COMM_WORLD
         state.where = ""
         num_partitions = _env_default(num_partitions, "HYPARFLOW_PARTITIONS", 1)
@@ -254,7 +254,7 @@ class Session:
             assignment = placement.assign(slots, num_partitions, num_replicas, placement_policy)
             self.grid: Grid = make_grid(self.world, assignment, num_partitions, num_replicas)
             state.where = self.grid.where()
-            if self.world.Get_rank() == 0:
+            if announce and self.world.Get_rank() == 0:
                 log.info("rank map (P=%d x R=%d, M=%d, %s):\n%s", self.P, self.R, self.M, schedule, placement.describe(slots, assignment))
         self.schedule = schedule
         self.stage = self.plan.stages[self.grid.stage]
@@ -437,7 +437,7 @@ def fit(
         raise ConfigError(f"gather={gather!r}: expected 'rank0' or 'all'.")
     if not 0.0 <= validation_split < 1.0:
         raise ConfigError(f"validation_split must be in [0, 1), got {validation_split}.")
-    session = Session(model, num_partitions, num_replicas, num_microbatches, schedule, balance, memory_limit, placement_policy, comm)
+    session = Session(model, num_partitions, num_replicas, num_microbatches, schedule, balance, memory_limit, placement_policy, comm, announce=True)
     graph = session.plan.graph
     if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
         raise ConfigError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}.")
