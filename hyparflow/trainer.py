@@ -208,7 +208,9 @@ def _env_default(value, var: str, default, kind=int):
 class Session:
     """A model planned and placed on the job's ranks, ready to run steps."""
 
-    def __init__(self, model, num_partitions, num_replicas, num_microbatches, schedule, balance, memory_limit, placement_policy: str, comm=None, announce=False):
+    def __init__(
+        self, model, num_partitions, num_replicas, num_microbatches, schedule, balance, memory_limit, placement_policy: str, comm=None, announce=False
+    ):
         self.world = comm if comm is not None else MPI.COMM_WORLD
         state.where = ""
         num_partitions = _env_default(num_partitions, "HYPARFLOW_PARTITIONS", 1)

@@ -69,7 +69,9 @@ def test_stall_is_reported_then_aborted(tmp_path):
     proc = mpirun(4, [sys.executable, str(SCRIPTS / "faults.py"), "stall", "1"], timeout=120, env=env, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert re.search(r"rank [023] \(replica \d, stage \d\) has waited \d+ s for the other ranks in a collective \((stop decision|log aggregation)\)", out), out[-3000:]
+    assert re.search(r"rank [023] \(replica \d, stage \d\) has waited \d+ s for the other ranks in a collective \((stop decision|log aggregation)\)", out), out[
+        -3000:
+    ]
     assert re.search(r"stalled \d+ s waiting for the other ranks", out)
     assert time.time() - start < 60  # not the 60 s the sleeping rank would take
 

@@ -60,7 +60,12 @@ def test_hybrid_sbatch_template_trains_on_a_2x2_grid(slurm, tmp_path):
     env, _ = slurm
     log = tmp_path / "job.out"
     proc = subprocess.run(
-        ["sbatch", "--wait", f"--output={log}", str(ROOT / "launch" / "slurm" / "hybrid.sbatch")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900
+        ["sbatch", "--wait", f"--output={log}", str(ROOT / "launch" / "slurm" / "hybrid.sbatch")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=900,
     )
     text = log.read_text() if log.exists() else ""
     assert proc.returncode == 0, proc.stdout + proc.stderr + text[-4000:]
@@ -83,7 +88,7 @@ def test_srun_gives_a_real_world_of_4(slurm):
 def test_hyparflow_run_uses_srun_inside_an_allocation(slurm):
     env, _ = slurm
     code = "from mpi4py import MPI; print('size', MPI.COMM_WORLD.Get_size())"
-    cmd = f"{sys_python()} -m hyparflow run --dry-run -np 4 python x.py; {sys_python()} -m hyparflow run -np 4 {sys_python()} -c \"{code}\""
+    cmd = f'{sys_python()} -m hyparflow run --dry-run -np 4 python x.py; {sys_python()} -m hyparflow run -np 4 {sys_python()} -c "{code}"'
     proc = subprocess.run(["salloc", "-n", "4", "bash", "-c", cmd], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("srun --mpi=pmix -n 4 python x.py")
