@@ -1,4 +1,5 @@
-"""The `hyparflow` command: info, plan, run (a launcher like horovodrun), train (a YAML job)."""
+"""The `hyparflow` command: info, plan, run (a launcher like horovodrun), train (a YAML job),
+bench (throughput against plain Keras and a data-parallel baseline)."""
 
 from __future__ import annotations
 
@@ -91,6 +92,12 @@ def _train(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from hyparflow.bench import main as bench_main
+
+    return bench_main(args)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hyparflow", description="Hybrid-parallel training of Keras models over MPI.")
     p.add_argument("--version", action="version", version=f"hyparflow {hyparflow.__version__}")
@@ -124,6 +131,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("config")
     t.add_argument("-np", "--np", type=int, default=None, help="ranks (default: the config's 'ranks')")
     t.set_defaults(fn=_train)
+
+    from hyparflow.bench import add_arguments
+
+    b = sub.add_parser("bench", help="throughput: plain Keras vs data-parallel baseline vs hyparflow grids, and MPI bandwidth")
+    add_arguments(b)
+    b.set_defaults(fn=_bench)
     return p
 
 

@@ -96,7 +96,13 @@ def _optimizer_for(optimizer, model, variables):
 
 
 class StageRunner:
-    """Runs this rank's stage: training steps, forward-only passes, state transfers."""
+    """Runs this rank's stage: training steps, forward-only passes, state transfers.
+
+    `timers` accumulates seconds of compute, waiting on peers and gradient allreduce;
+    `StageRunner.last` is the newest runner of this process, for profilers and benchmarks.
+    """
+
+    last: StageRunner | None = None
 
     def __init__(self, plan: Plan, grid: Grid, objective: Objective, optimizer, schedule_kind: str = "1f1b"):
         self.plan, self.grid, self.objective = plan, grid, objective
@@ -123,6 +129,7 @@ class StageRunner:
         self.acc = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in self.variables]
         self.timers = {"compute": 0.0, "wait": 0.0, "allreduce": 0.0}
         self._build_functions()
+        StageRunner.last = self
 
     # ---- compiled pieces -------------------------------------------------------
     def _build_functions(self):

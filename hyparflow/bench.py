@@ -1,0 +1,414 @@
+"""`hyparflow bench`: throughput of plain Keras, a Horovod-style data-parallel loop and
+hyparflow grids, measured in one invocation (alternating, to cancel machine drift), plus
+communication microbenchmarks of raw mpi4py against hyparflow's own paths.
+
+The driver launches every variant as its own job (`python -m hyparflow.bench worker ...`
+under `hyparflow run`); workers print one JSON line that the driver collects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from hyparflow.errors import ConfigError
+from hyparflow.launch import Launch
+
+RESULT_TAG = "HYPARFLOW_BENCH_RESULT "
+
+
+# ---- workers (run inside the launched jobs) ------------------------------------------
+def _model_and_data(args):
+    import keras
+    import numpy as np
+
+    from hyparflow import models
+
+    keras.utils.set_random_seed(0)
+    model = models.build(args.model, (32, 32, 3), 10)
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    n = args.batch_size * (args.warmup + args.windows * args.steps)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 10, n)
+    return model, x, y
+
+
+class _StepClock:
+    """Keras callback timing windows of `steps` batches after `warmup` batches."""
+
+    def __new__(cls, warmup: int, steps: int):
+        import keras
+
+        class Clock(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.marks: list[float] = []
+                self.batch = 0
+
+            def on_train_batch_end(self, batch, logs=None):
+                self.batch += 1
+                if self.batch >= warmup and (self.batch - warmup) % steps == 0:
+                    self.marks.append(time.perf_counter())
+
+        return Clock()
+
+
+def _windows(marks: list[float], steps: int, batch_size: int) -> list[float]:
+    return [steps * batch_size / (b - a) for a, b in zip(marks, marks[1:])]
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def worker_keras(args) -> dict:
+    model, x, y = _model_and_data(args)
+    clock = _StepClock(args.warmup, args.steps)
+    model.fit(x, y, batch_size=args.batch_size, epochs=1, shuffle=False, verbose=0, callbacks=[clock])
+    return {"throughput": _windows(clock.marks, args.steps, args.batch_size), "peak_mb": [_peak_mb()]}
+
+
+def worker_dp(args) -> dict:
+    """The data-parallel baseline HyPar-Flow compared with: a Horovod
+    DistributedGradientTape-style loop (compiled step, allreduce of the gradients after
+    backward), over Horovod where it imports, else over mpi4py."""
+    import numpy as np
+    import tensorflow as tf
+    from mpi4py import MPI
+
+    try:
+        import horovod.tensorflow as hvd
+
+        hvd.init(comm=MPI.COMM_WORLD)
+        backend = "horovod"
+    except Exception:  # any failure to import or initialise: use the mpi4py loop
+        hvd, backend = None, "mpi4py"
+    world = MPI.COMM_WORLD
+    size, rank = world.Get_size(), world.Get_rank()
+    model, x, y = _model_and_data(args)
+    opt, loss_fn = model.optimizer, model.loss
+    variables = model.trainable_variables
+    local = args.batch_size // size
+
+    @tf.function
+    def grads_of(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=True))
+        return tf.concat([tf.reshape(g, [-1]) for g in tape.gradient(loss, variables)], 0)
+
+    @tf.function
+    def apply(flat):
+        parts = tf.split(flat, [int(np.prod(v.shape)) for v in variables])
+        opt.apply([tf.reshape(p, v.shape) for p, v in zip(parts, variables)], variables)
+
+    marks = []
+    for step in range(args.warmup + args.windows * args.steps):
+        lo = step * args.batch_size + rank * local
+        g = grads_of(x[lo : lo + local], y[lo : lo + local])
+        if hvd is not None:
+            g = hvd.allreduce(g, op=hvd.Average)
+        else:
+            buf = g.numpy()
+            out = np.empty_like(buf)
+            world.Allreduce(buf, out, op=MPI.SUM)
+            g = tf.convert_to_tensor(out / size)
+        apply(g)
+        if step + 1 >= args.warmup and (step + 1 - args.warmup) % args.steps == 0:
+            world.Barrier()
+            marks.append(time.perf_counter())
+    return {"throughput": _windows(marks, args.steps, args.batch_size), "backend": backend, "peak_mb": world.gather(_peak_mb(), root=0)}
+
+
+def worker_hyparflow(args) -> dict:
+    from mpi4py import MPI
+
+    import hyparflow as hf
+
+    model, x, y = _model_and_data(args)
+    clock = _StepClock(args.warmup, args.steps)
+    timers: dict[str, Any] = {}
+
+    class Timers(_timers_callback()):
+        def on_train_end(self, logs=None):
+            timers.update(self.collect())
+
+    hf.fit(
+        model,
+        x,
+        y,
+        batch_size=args.batch_size,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        num_partitions=args.P,
+        num_microbatches=args.M,
+        schedule=args.schedule,
+        balance=args.balance,
+        callbacks=[clock, Timers(args.warmup)],
+    )
+    world = MPI.COMM_WORLD
+    return {
+        "throughput": _windows(clock.marks, args.steps, args.batch_size),
+        "peak_mb": world.gather(_peak_mb(), root=0),
+        "stages": world.gather(timers, root=0),
+    }
+
+
+def _timers_callback():
+    """A callback reading the stage runner's compute / wait / allreduce timers after warm-up."""
+    import keras
+
+    from hyparflow import pipeline
+
+    class Timers(keras.callbacks.Callback):
+        def __init__(self, warmup: int):
+            super().__init__()
+            self.warmup, self.batch, self.start = warmup, 0, None
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.batch += 1
+            if self.batch == self.warmup:
+                self.start = (time.perf_counter(), dict(pipeline.StageRunner.last.timers))
+
+        def collect(self) -> dict:
+            runner = pipeline.StageRunner.last
+            t0, before = self.start
+            wall = time.perf_counter() - t0
+            out = {k: runner.timers[k] - before[k] for k in runner.timers}
+            out["wall"] = wall
+            out["stage"], out["replica"] = runner.grid.stage, runner.grid.replica
+            return out
+
+    return Timers
+
+
+def worker_comm(args) -> dict:
+    """Bandwidth of raw mpi4py Send/Recv and Allreduce vs hyparflow's activation path
+    (TF tensor -> raw buffer -> Isend/Irecv -> TF tensor) and gradient allreduce path."""
+    import numpy as np
+    import tensorflow as tf
+    from mpi4py import MPI
+
+    from hyparflow.comm import Grid, Transport, as_bytes
+
+    world = MPI.COMM_WORLD
+    rank = world.Get_rank()
+    grid = Grid(world, 2, 1, 0, rank, world, world.Split(rank, 0), ((0, 1),))
+    net = Transport(grid)
+
+    def raw_pingpong(raw, recv, tensor):
+        if rank == 0:
+            world.Send(raw, dest=1)
+            world.Recv(recv, source=1)
+        else:
+            world.Recv(recv, source=0)
+            world.Send(raw, dest=0)
+
+    def hf_pingpong(raw, recv, tensor):
+        if rank == 0:
+            net.wait([net.isend(tensor.numpy(), 1, 0)], "bench")
+            net.wait([net.irecv(recv, 1, 1)], "bench")
+            tf.convert_to_tensor(recv)
+        else:
+            net.wait([net.irecv(recv, 0, 0)], "bench")
+            net.wait([net.isend(tf.convert_to_tensor(recv).numpy(), 0, 1)], "bench")
+
+    def raw_allreduce(raw, recv, tensor):
+        world.Allreduce(raw, recv, op=MPI.SUM)
+
+    def hf_allreduce(raw, recv, tensor):
+        flat = tf.concat([tensor], 0).numpy()
+        summed = np.empty_like(flat)
+        net.allreduce_sum(world, flat, summed, "bench")
+        tf.convert_to_tensor(summed)
+
+    out = {}
+    for mb in args.sizes:
+        n = int(mb * (1 << 20)) // 4
+        bufs = (np.ones(n, np.float32), np.empty(n, np.float32), tf.ones([n], tf.float32))
+        reps = max(3, int(64 // max(mb, 1)))
+
+        def timed(fn, bufs=bufs, reps=reps):
+            fn(*bufs)
+            world.Barrier()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn(*bufs)
+            return (time.perf_counter() - t0) / reps
+
+        size_bytes = as_bytes(bufs[0]).nbytes
+        out[str(mb)] = {
+            "sendrecv_raw_GBs": 2 * size_bytes / timed(raw_pingpong) / 1e9,
+            "sendrecv_hyparflow_GBs": 2 * size_bytes / timed(hf_pingpong) / 1e9,
+            "allreduce_raw_GBs": size_bytes / timed(raw_allreduce) / 1e9,
+            "allreduce_hyparflow_GBs": size_bytes / timed(hf_allreduce) / 1e9,
+        }
+    return out
+
+
+WORKERS = {"keras": worker_keras, "dp": worker_dp, "hyparflow": worker_hyparflow, "comm": worker_comm}
+
+
+def _worker_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("kind", choices=sorted(WORKERS))
+    _common(p)
+    p.add_argument("--P", type=int, default=1)
+    p.add_argument("--M", type=int, default=1)
+    p.add_argument("--schedule", default="1f1b")
+    p.add_argument("--sizes", type=float, nargs="*", default=[1, 4, 16, 64])
+    args = p.parse_args(argv)
+    result = WORKERS[args.kind](args)
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        print(RESULT_TAG + json.dumps(result), flush=True)
+    return 0
+
+
+# ---- the driver --------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="resnet20", help="a built-in model (resnet20, resnet56, ...)")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed window")
+    p.add_argument("--windows", type=int, default=3, help="timed windows per run")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (tracing, caches)")
+    p.add_argument("--balance", default="flops")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--configs", default="1x1x1,1x2x1,2x1x8", help="hyparflow grids PxRxM[:schedule], comma-separated")
+    p.add_argument("--dp-ranks", type=int, default=2, help="ranks of the data-parallel baseline")
+    p.add_argument("--repeats", type=int, default=2, help="alternating rounds over all variants")
+    p.add_argument("--comm-sizes", default="1,4,16,64", help="MB sizes for the communication microbenchmarks ('' to skip)")
+    p.add_argument("--out", default="bench-results", help="folder for bench.json and bench.png")
+
+
+def _parse_configs(text: str) -> list[dict]:
+    out = []
+    for item in filter(None, text.split(",")):
+        grid, _, schedule = item.partition(":")
+        try:
+            P, R, M = (int(v) for v in grid.lower().split("x"))
+        except ValueError:
+            raise ConfigError(f"--configs item {item!r}: expected PxRxM, e.g. 2x1x8 or 2x1x8:gpipe") from None
+        out.append({"name": f"hyparflow P={P} R={R} M={M} {schedule or '1f1b'}", "P": P, "R": R, "M": M, "schedule": schedule or "1f1b"})
+    return out
+
+
+def _run(np_: int, kind: str, args, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "hyparflow.bench", kind, "--model", args.model, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+           "--windows", str(args.windows), "--warmup", str(args.warmup), "--balance", args.balance, *extra]  # fmt: skip
+    job = Launch(np=np_, command=cmd)
+    proc = subprocess.run(job.argv(), env=job.environment(), capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG) :])
+    raise RuntimeError(f"benchmark job {' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def main(args) -> int:
+    variants = [{"name": "keras model.fit (1 process)", "kind": "keras", "np": 1, "extra": []}]
+    variants.append({"name": f"data-parallel baseline ({args.dp_ranks} ranks)", "kind": "dp", "np": args.dp_ranks, "extra": []})
+    for c in _parse_configs(args.configs):
+        extra = ["--P", str(c["P"]), "--M", str(c["M"]), "--schedule", c["schedule"]]
+        variants.append({"name": c["name"], "kind": "hyparflow", "np": c["P"] * c["R"], "extra": extra, **c})
+    runs: dict[str, list[dict]] = {v["name"]: [] for v in variants}
+    for round_ in range(args.repeats):  # alternate variants so drift hits all alike
+        for v in variants:
+            print(f"[round {round_ + 1}/{args.repeats}] {v['name']} ...", flush=True)
+            runs[v["name"]].append(_run(v["np"], v["kind"], args, v["extra"]))
+    report = _report(variants, runs, args)
+    if args.comm_sizes:
+        sizes = [s for s in args.comm_sizes.split(",") if s]
+        report["comm"] = _run(2, "comm", args, ["--sizes", *sizes])
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    _print(report)
+    _chart(report, os.path.join(args.out, "bench.png"))
+    print(f"wrote {args.out}/bench.json and {args.out}/bench.png")
+    return 0
+
+
+def _report(variants, runs, args) -> dict:
+    rows = []
+    keras_tp = dp_tp = None
+    single_step = None
+    for v in variants:
+        samples = [w for r in runs[v["name"]] for w in r["throughput"]]
+        tp = statistics.median(samples)
+        row = {"name": v["name"], "ranks": v["np"], "throughput": tp, "windows": samples,
+               "peak_mb": max(m for r in runs[v["name"]] for m in (r["peak_mb"] or [0]))}  # fmt: skip
+        if v["kind"] == "keras":
+            keras_tp = tp
+            single_step = args.batch_size / tp
+        if v["kind"] == "dp":
+            dp_tp, row["backend"] = tp, runs[v["name"]][0]["backend"]
+        if v["kind"] == "hyparflow":
+            P, M = v["P"], v["M"]
+            stages = [s for s in runs[v["name"]][-1]["stages"] if s]
+            row["stages"] = stages
+            row["bubble_bound"] = (P - 1) / (M + P - 1)
+            if P > 1:
+                busy = [s["compute"] / s["wall"] for s in stages if s["wall"] > 0]
+                row["bubble_measured"] = 1 - statistics.mean(busy) if busy else None
+                ideal = single_step / P * (M + P - 1) / M
+                row["ideal_step_s"] = ideal
+                row["efficiency_vs_bubble_bound"] = ideal / (args.batch_size / tp)
+        rows.append(row)
+    for row in rows:
+        row["vs_keras"] = row["throughput"] / keras_tp if keras_tp else None
+        row["vs_dp_baseline"] = row["throughput"] / dp_tp if dp_tp else None
+    return {"model": args.model, "batch_size": args.batch_size, "cores": os.cpu_count(), "rows": rows}
+
+
+def _print(report: dict) -> None:
+    print(f"\n{report['model']}, global batch {report['batch_size']}, {report['cores']} cores")
+    head = f"{'variant':<40} {'ranks':>5} {'samples/s':>10} {'vs keras':>9} {'vs DP':>7} {'bubble':>14} {'peak MB':>8}"
+    print(head + "\n" + "-" * len(head))
+    for r in report["rows"]:
+        bubble = f"{r['bubble_measured']:.2f}/{r['bubble_bound']:.2f}" if r.get("bubble_measured") is not None else "-"
+        name = r["name"] + (f" [{r['backend']}]" if r.get("backend") else "")
+        print(f"{name[:40]:<40} {r['ranks']:>5} {r['throughput']:>10.1f} {r['vs_keras']:>9.2f} {r['vs_dp_baseline']:>7.2f} {bubble:>14} {r['peak_mb']:>8.0f}")
+        for s in r.get("stages", []):
+            wall = s["wall"] or 1
+            print(
+                f"{'':<6}stage {s['stage']} replica {s['replica']}: compute {s['compute'] / wall:.0%}, waiting on peers {s['wait'] / wall:.0%}, allreduce {s['allreduce'] / wall:.0%}"
+            )
+        if r.get("efficiency_vs_bubble_bound") is not None:
+            print(f"{'':<6}step time vs bubble-bound ideal: {r['efficiency_vs_bubble_bound']:.2f}")
+    for size, c in report.get("comm", {}).items():
+        print(
+            f"{size:>5} MB  send/recv raw {c['sendrecv_raw_GBs']:.2f} GB/s, hyparflow {c['sendrecv_hyparflow_GBs']:.2f} GB/s "
+            f"({c['sendrecv_hyparflow_GBs'] / c['sendrecv_raw_GBs']:.0%});  allreduce raw {c['allreduce_raw_GBs']:.2f} GB/s, "
+            f"hyparflow {c['allreduce_hyparflow_GBs']:.2f} GB/s ({c['allreduce_hyparflow_GBs'] / c['allreduce_raw_GBs']:.0%})"
+        )
+
+
+def _chart(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * len(rows)))
+    ax.barh([r["name"] for r in rows][::-1], [r["throughput"] for r in rows][::-1], color="tab:blue")
+    ax.set_xlabel("samples / s")
+    ax.set_title(f"{report['model']}, global batch {report['batch_size']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))
