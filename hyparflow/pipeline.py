@@ -166,15 +166,15 @@ class StageRunner:
                 a.assign_add(tf.cast(tf.convert_to_tensor(g), a.dtype))
 
         def flat_grads():
-            if not self.acc:
-                return tf.zeros([0], tf.float32)
             return tf.concat([tf.reshape(tf.cast(a, tf.float32), [-1]) for a in self.acc], 0)
 
         def apply(flat):
             sizes = [int(np.prod(v.shape)) for v in self.variables]
             parts = tf.split(flat, sizes) if sizes else []
-            grads = [tf.cast(tf.reshape(p, v.shape), v.dtype) for p, v in zip(parts, self.variables)]
-            self.optimizer.apply(grads, self.variables)
+            apply_local([tf.reshape(p, v.shape) for p, v in zip(parts, self.variables)])
+
+        def apply_local(grads):
+            self.optimizer.apply([tf.cast(g, v.dtype) for g, v in zip(grads, self.variables)], self.variables)
             for a in self.acc:
                 a.assign(tf.zeros_like(a))
 
@@ -186,6 +186,8 @@ class StageRunner:
         self._accumulate = tf.function(accumulate)
         self._flat_grads = tf.function(flat_grads)
         self._apply = tf.function(apply)
+        # Without replicas there is nothing to reduce: apply the accumulators in place.
+        self._apply_accumulated = tf.function(lambda: apply_local([a.value() for a in self.acc]))
         self._infer = tf.function(infer)
 
     # ---- transport helpers -----------------------------------------------------
@@ -244,6 +246,12 @@ class StageRunner:
                     self._backward_op(step, m)
         with phase("sends to neighbouring stages"):
             self.net.wait([r for _, r in step.pending], "sends to neighbouring stages")
+        if not self.variables:
+            return step.loss, step.parts
+        if self.grid.data.Get_size() == 1:
+            with phase("optimizer"):
+                self._apply_accumulated()
+            return step.loss, step.parts
         with phase("allreduce"):
             t0 = time.perf_counter()
             flat = self._flat_grads().numpy()
@@ -251,8 +259,7 @@ class StageRunner:
             self.net.allreduce_sum(self.grid.data, flat, summed, "gradient allreduce")
             self.timers["allreduce"] += time.perf_counter() - t0
         with phase("optimizer"):
-            if self.variables:
-                self._apply(tf.convert_to_tensor(summed))
+            self._apply(tf.convert_to_tensor(summed))
         return step.loss, step.parts
 
     def _forward_op(self, step: _Step, m: int, mb: MicroBatch, norm: StepNorm) -> None:

@@ -378,6 +378,14 @@ class Session:
             i += n
 
 
+def _has_batch_hooks(callback) -> bool:
+    """Whether a Keras callback overrides a training-batch hook (Keras marks its defaults)."""
+    from keras.src.utils.python_utils import is_default
+
+    hooks = ("on_train_batch_begin", "on_train_batch_end", "on_batch_begin", "on_batch_end")
+    return any(not is_default(getattr(callback, h)) for h in hooks)
+
+
 def _check_batch(batch_size) -> int:
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer (the global batch), got {batch_size!r}.")
@@ -482,7 +490,12 @@ def fit(
         cbs, add_history=True, add_progbar=bool(verbose) and world_rank == 0, model=model, verbose=verbose, epochs=epochs, steps=train.steps
     )
     history = next(cb for cb in callback_list.callbacks if isinstance(cb, keras.callbacks.History))
-    needs_weights_on_rank0 = session.world.allreduce(int(any(isinstance(cb, keras.callbacks.ModelCheckpoint) for cb in cbs)), op=MPI.MAX)
+    # Decided together, since rank-0-only callbacks differ: does any rank need the weights
+    # on rank 0 at epoch ends, and does any rank have batch-level callbacks (per-step logs)?
+    flags = np.array([any(isinstance(cb, keras.callbacks.ModelCheckpoint) for cb in cbs), any(map(_has_batch_hooks, callback_list.callbacks))], float)
+    agreed = np.empty_like(flags)
+    session.world.Allreduce(flags, agreed, op=MPI.MAX)
+    needs_weights_on_rank0, batch_hooks = (bool(f) for f in agreed)
 
     with distributed():
         with phase("initial weight broadcast"):
@@ -502,7 +515,7 @@ def fit(
                     else:
                         callback_list.on_train_batch_end(step, logs)
 
-            logs = session.run_epoch(train.epoch(epoch), train=True, on_batch=on_batch)
+            logs = session.run_epoch(train.epoch(epoch), train=True, on_batch=on_batch if batch_hooks else None)
             if val is not None:
                 logs.update(session.run_epoch(val.epoch(0), train=False, prefix="val_"))
             session.sync_state()
