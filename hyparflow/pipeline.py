@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -125,6 +126,7 @@ class StageRunner:
         self.send_float = [t for t in self.send_ids if tensors[t].is_float]
         self.variables = st.trainable_variables
         self.optimizer = _optimizer_for(optimizer, plan.graph.model, self.variables)
+        self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         self.fused = not self.send_float
         self.acc = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in self.variables]
         self.timers = {"compute": 0.0, "wait": 0.0, "allreduce": 0.0}
@@ -149,15 +151,18 @@ class StageRunner:
             return [out[t] for t in self.send_ids], loss + reg, per_output, preds
 
         def train_forward(recv_vals, data_vals, ys, sws, divisors, reg_scale):
+            """Also returns the loss to differentiate: scaled as the optimizer asks
+            (LossScaleOptimizer under mixed_float16), so every stage's gradients are scaled alike."""
             sends, loss, per_output, _ = forward(recv_vals, data_vals, ys, sws, divisors, reg_scale, True)
-            return sends, loss, per_output
+            scaled = self.optimizer.scale_loss(loss) if hasattr(self.optimizer, "scale_loss") else loss
+            return sends, loss, scaled, per_output
 
         def fused_step(recv_vals, data_vals, ys, sws, divisors, reg_scale):
             float_in = [v for t, v in zip(st.recv, recv_vals) if t in self.recv_float]
             with tf.GradientTape() as tape:
                 tape.watch(float_in)
-                sends, loss, per_output = train_forward(recv_vals, data_vals, ys, sws, divisors, reg_scale)
-            grads = tape.gradient(loss, self.variables + float_in, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                sends, loss, scaled, per_output = train_forward(recv_vals, data_vals, ys, sws, divisors, reg_scale)
+            grads = tape.gradient(scaled, self.variables + float_in, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             accumulate(grads[: len(self.variables)])
             return sends, grads[len(self.variables) :], loss, per_output
 
@@ -246,9 +251,9 @@ class StageRunner:
                     self._backward_op(step, m)
         with phase("sends to neighbouring stages"):
             self.net.wait([r for _, r in step.pending], "sends to neighbouring stages")
-        if not self.variables:
+        if not self.variables and not self.loss_scaled:
             return step.loss, step.parts
-        if self.grid.data.Get_size() == 1:
+        if self.grid.data.Get_size() == 1 and not self.loss_scaled:
             with phase("optimizer"):
                 self._apply_accumulated()
             return step.loss, step.parts
@@ -258,8 +263,16 @@ class StageRunner:
             summed = np.empty_like(flat)
             self.net.allreduce_sum(self.grid.data, flat, summed, "gradient allreduce")
             self.timers["allreduce"] += time.perf_counter() - t0
-        with phase("optimizer"):
-            self._apply(tf.convert_to_tensor(summed))
+        if self.loss_scaled:
+            # Every stage must skip an overflowing step together (and lower the scale
+            # alike): agree on finiteness, and hand non-finite gradients to all optimizers.
+            finite = np.array([float(np.isfinite(summed).all())])
+            self.net.allreduce_sum(self.grid.world, finite.copy(), finite, "loss-scale agreement")
+            if finite[0] < self.grid.world.Get_size():
+                summed[:] = np.nan
+        if self.variables:
+            with phase("optimizer"):
+                self._apply(tf.convert_to_tensor(summed))
         return step.loss, step.parts
 
     def _forward_op(self, step: _Step, m: int, mb: MicroBatch, norm: StepNorm) -> None:
@@ -273,8 +286,8 @@ class StageRunner:
             with tape:
                 float_in = [v for t, v in zip(self.stage.recv, args[0]) if t in self.recv_float]
                 tape.watch(float_in)
-                sends, loss, per_output = self._train_forward(*args, step.divisors, self._reg_scale(norm, mb))
-            step.stash[m] = (tape, float_in, loss, [s for t, s in zip(self.send_ids, sends) if t in self.send_float])
+                sends, loss, scaled, per_output = self._train_forward(*args, step.divisors, self._reg_scale(norm, mb))
+            step.stash[m] = (tape, float_in, scaled, [s for t, s in zip(self.send_ids, sends) if t in self.send_float])
         self.timers["compute"] += time.perf_counter() - t0
         step.loss += float(loss)
         step.parts[self.stage.model_outputs] += [float(p) for p in per_output]

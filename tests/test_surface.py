@@ -67,3 +67,12 @@ def test_digits_cnn_reaches_keras_accuracy(r):
     ours, ref = r["digits"]["ours"], r["digits"]["ref"]
     assert ref > 0.8
     assert abs(ours - ref) <= 0.01
+
+
+@pytest.mark.parametrize("policy, dtype, optimizer", [("mixed_float16", "float16", "LossScaleOptimizer"), ("mixed_bfloat16", "bfloat16", "Adam")])
+def test_mixed_precision(r, policy, dtype, optimizer):
+    m = r["mixed"][policy]
+    assert m["boundary_dtypes"] == [dtype]
+    assert m["optimizer"] == optimizer
+    assert m["loss"] == pytest.approx(m["ref_loss"], rel=2e-3)
+    assert m["err"] < 2e-2

@@ -141,6 +141,25 @@ if rank == 0:
     ref.fit(x, y, batch_size=64, epochs=6, verbose=0, shuffle=False)
     out["digits"] = {"ours": acc, "ref": ref.evaluate(xt, yt, verbose=0, return_dict=True)["accuracy"]}
 
+# 8. Mixed precision: boundary tensors in the compute dtype, loss scaling as Keras does it
+out["mixed"] = {}
+for policy in ("mixed_float16", "mixed_bfloat16"):
+    keras.mixed_precision.set_global_policy(policy)
+    mp = mlp()
+    hmp = hf.fit(mp, X, Y, batch_size=16, epochs=2, num_partitions=2, num_microbatches=2, shuffle=False, verbose=0)
+    dtypes = sorted({t.dtype for st in hf.plan(mp, 2, balance="flops").stages for t in st.outputs})
+    if rank == 0:
+        ref = mlp()
+        href = ref.fit(X, Y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        out["mixed"][policy] = {
+            "err": weights_err([w.astype("float32") for w in mp.get_weights()], [w.astype("float32") for w in ref.get_weights()]),
+            "loss": hmp.history["loss"],
+            "ref_loss": href.history["loss"],
+            "boundary_dtypes": dtypes,
+            "optimizer": type(mp.optimizer).__name__,
+        }
+keras.mixed_precision.set_global_policy("float32")
+
 if rank == 0:
     with open(sys.argv[1], "w") as f:
         json.dump(out, f)
