@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import sys
 import threading
 from collections.abc import Callable
@@ -164,5 +165,14 @@ def resolve(name: str) -> Callable[..., Any]:
 
 
 def build(name: str, input_shape, num_classes: int, **options) -> Any:
-    """Build a model by name on a deep stack (see module docstring)."""
-    return run_deep(resolve(name), tuple(input_shape), int(num_classes), **options)
+    """Build a model by name on a deep stack (see module docstring). A user's
+    `module:function` that takes no input shape / class count is called without them."""
+    fn = resolve(name)
+    args: tuple = (tuple(input_shape), int(num_classes))
+    try:
+        inspect.signature(fn).bind(*args, **options)
+    except TypeError:
+        args = ()
+    except ValueError:  # no signature (a builtin): call as documented
+        pass
+    return run_deep(fn, *args, **options)

@@ -142,3 +142,20 @@ def test_bad_configs(tmp_path, text, message):
 def test_missing_config():
     with pytest.raises(ConfigError, match="does not exist"):
         config.load("/nonexistent.yaml")
+
+
+def test_plan_command_for_a_users_module_function(tmp_path):
+    (tmp_path / "mymodels.py").write_text(
+        "import keras\n"
+        "def tiny():\n"
+        "    inp = keras.Input((10,))\n"
+        "    x = keras.layers.Dense(8)(keras.layers.Dense(8)(inp))\n"
+        "    return keras.Model(inp, keras.layers.Dense(2)(x))\n"
+    )
+    env = mpi_env()
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    out = subprocess.run(
+        [sys.executable, "-m", "hyparflow", "plan", "mymodels:tiny", "--partitions", "3"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "3 layer calls in 3 stages" in out.stdout
