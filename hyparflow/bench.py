@@ -197,7 +197,7 @@ def worker_comm(args) -> dict:
     import tensorflow as tf
     from mpi4py import MPI
 
-    from hyparflow.comm import Grid, Transport, as_bytes
+    from hyparflow.comm import Grid, Transport, aligned_empty, as_bytes, to_numpy, to_tensor
 
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
@@ -213,22 +213,25 @@ def worker_comm(args) -> dict:
             world.Send(raw, dest=0)
 
     def hf_pingpong(raw, recv, tensor):
+        """The activation path: TF tensor -> raw buffer -> Isend ... Irecv -> aligned buffer -> TF tensor."""
+        buf = aligned_empty(raw.shape, raw.dtype)
         if rank == 0:
-            net.wait([net.isend(tensor.numpy(), 1, 0)], "bench")
-            net.wait([net.irecv(recv, 1, 1)], "bench")
-            tf.convert_to_tensor(recv)
+            net.wait([net.isend(to_numpy(tensor), 1, 0)], "bench")
+            net.wait([net.irecv(buf, 1, 1)], "bench")
+            to_tensor(buf)
         else:
-            net.wait([net.irecv(recv, 0, 0)], "bench")
-            net.wait([net.isend(tf.convert_to_tensor(recv).numpy(), 0, 1)], "bench")
+            net.wait([net.irecv(buf, 0, 0)], "bench")
+            net.wait([net.isend(to_numpy(to_tensor(buf)), 0, 1)], "bench")
 
     def raw_allreduce(raw, recv, tensor):
         world.Allreduce(raw, recv, op=MPI.SUM)
 
     def hf_allreduce(raw, recv, tensor):
-        flat = tf.concat([tensor], 0).numpy()
-        summed = np.empty_like(flat)
+        """The gradient path: accumulated gradients -> flat buffer -> Iallreduce -> TF tensor."""
+        flat = to_numpy(tensor)
+        summed = aligned_empty(flat.shape, flat.dtype)
         net.allreduce_sum(world, flat, summed, "bench")
-        tf.convert_to_tensor(summed)
+        to_tensor(summed)
 
     out = {}
     for mb in args.sizes:
@@ -281,7 +284,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=10, help="steps per timed window")
     p.add_argument("--windows", type=int, default=3, help="timed windows per run")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (tracing, caches)")
-    p.add_argument("--balance", default="flops")
+    p.add_argument("--balance", default=None, help="partitioner cost model (default: hyparflow's: time, or flops for big models)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -307,7 +310,7 @@ def _parse_configs(text: str) -> list[dict]:
 
 def _run(np_: int, kind: str, args, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "hyparflow.bench", kind, "--model", args.model, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-           "--windows", str(args.windows), "--warmup", str(args.warmup), "--balance", args.balance, *extra]  # fmt: skip
+           "--windows", str(args.windows), "--warmup", str(args.warmup), *(["--balance", args.balance] if args.balance else []), *extra]  # fmt: skip
     job = Launch(np=np_, command=cmd)
     proc = subprocess.run(job.argv(), env=job.environment(), capture_output=True, text=True)
     for line in proc.stdout.splitlines():

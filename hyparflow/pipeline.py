@@ -21,7 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from hyparflow.comm import Grid, Transport
+from hyparflow.comm import Grid, Transport, aligned_empty, to_numpy, to_tensor
 from hyparflow.errors import ConfigError
 from hyparflow.failures import phase
 from hyparflow.objective import Objective
@@ -203,7 +203,7 @@ class StageRunner:
         for m, n in enumerate(sizes):
             for t in tensors:
                 for peer in peer_of(t):
-                    buf = np.empty((n,) + tuple(info[t].shape), np_dtype(info[t].dtype))
+                    buf = aligned_empty((n,) + tuple(info[t].shape), np_dtype(info[t].dtype))
                     posted[(m, t, peer)] = (buf, self.net.irecv(buf, peer, self.tag[t] + tag_offset), peer)
         return posted
 
@@ -215,7 +215,7 @@ class StageRunner:
         return buf
 
     def _send(self, pending: list, value, dest: int, tag: int):
-        array = value.numpy() if hasattr(value, "numpy") else value
+        array = to_numpy(value) if hasattr(value, "numpy") else value
         pending.append((array, self.net.isend(array, dest, tag)))
 
     @staticmethod
@@ -223,7 +223,7 @@ class StageRunner:
         return tf.constant([norm.reg_scale, mb.size / norm.count], tf.float32)
 
     def _inputs(self, posted, m: int, mb: MicroBatch):
-        recv_vals = [tf.convert_to_tensor(self._take(posted, m, t, self.src[t], f"activations of micro-batch {m}")) for t in self.stage.recv]
+        recv_vals = [to_tensor(self._take(posted, m, t, self.src[t], f"activations of micro-batch {m}")) for t in self.stage.recv]
         return (
             recv_vals,
             [tf.convert_to_tensor(x) for x in mb.inputs],
@@ -259,8 +259,8 @@ class StageRunner:
             return step.loss, step.parts
         with phase("allreduce"):
             t0 = time.perf_counter()
-            flat = self._flat_grads().numpy()
-            summed = np.empty_like(flat)
+            flat = to_numpy(self._flat_grads())
+            summed = aligned_empty(flat.shape, flat.dtype)
             self.net.allreduce_sum(self.grid.data, flat, summed, "gradient allreduce")
             self.timers["allreduce"] += time.perf_counter() - t0
         if self.loss_scaled:
@@ -272,7 +272,7 @@ class StageRunner:
                 summed[:] = np.nan
         if self.variables:
             with phase("optimizer"):
-                self._apply(tf.convert_to_tensor(summed))
+                self._apply(to_tensor(summed))
         return step.loss, step.parts
 
     def _forward_op(self, step: _Step, m: int, mb: MicroBatch, norm: StepNorm) -> None:
@@ -303,7 +303,7 @@ class StageRunner:
             out_grads = []
             for t in self.send_float:
                 pieces = [self._take(step.bwd_posted, m, t, d, f"gradients of micro-batch {m}") for d in self.dests[t]]
-                out_grads.append(tf.convert_to_tensor(pieces[0] if len(pieces) == 1 else np.sum(pieces, axis=0)))
+                out_grads.append(to_tensor(pieces[0]) if len(pieces) == 1 else tf.convert_to_tensor(np.sum(pieces, axis=0)))
             t0 = time.perf_counter()
             grads = tape.gradient(
                 [loss] + float_out,

@@ -238,7 +238,7 @@ class Session:
         self.P, self.R, self.M = num_partitions, num_replicas, num_microbatches
         with phase("plan"):
             graph = ModelGraph(model)
-            self._check_same_everywhere("model", graph.fingerprint)
+            self.check_same_everywhere("model", graph.fingerprint, "every rank must build the same model (same layers, connections and weight shapes).")
             # Rank 0 plans (a "time" balance measures, which differs between ranks); all follow.
             starts = None
             if self.world.Get_rank() == 0:
@@ -250,7 +250,7 @@ class Session:
             if isinstance(starts, ConfigError):
                 raise ConfigError(str(starts))
             self.plan = Plan(graph, starts, balance if isinstance(balance, str) else "explicit")
-            self._check_same_everywhere("plan", self.plan.fingerprint)
+            self.check_same_everywhere("plan", self.plan.fingerprint)
         with phase("placement"):
             slots = placement.discover(self.world)
             assignment = placement.assign(slots, num_partitions, num_replicas, placement_policy)
@@ -263,14 +263,12 @@ class Session:
         self.runner: StageRunner | None = None
         self.objective: Objective | None = None
 
-    def _check_same_everywhere(self, what: str, value: str) -> None:
+    def check_same_everywhere(self, what: str, value: str, hint: str = "every rank must call hyparflow with the same model, data and settings.") -> None:
+        """Raise the same ConfigError on every rank unless all ranks pass the same value."""
         values = self.world.allgather(value)
         if len(set(values)) > 1:
             odd = [r for r, v in enumerate(values) if v != values[0]]
-            raise ConfigError(
-                f"The {what} differs between ranks (ranks {odd} differ from rank 0): every rank must build the same "
-                "model with the same layer names and shapes (build it the same way on every rank, with fixed names or seeds)."
-            )
+            raise ConfigError(f"The {what} differs between ranks (ranks {odd} differ from rank 0): {hint}")
 
     def start(self, data: Data, need_loss: bool = True) -> StageRunner:
         """Resolve the compiled loss and metrics against a sample batch and build the stage runner."""
@@ -378,6 +376,11 @@ class Session:
             i += n
 
 
+def _shapes(data: Data) -> list:
+    """Per-array shapes and dtypes of the training data (compared across ranks)."""
+    return [None if a is None else (a.shape, str(a.dtype)) for a in data.x + data.y]
+
+
 def _has_batch_hooks(callback) -> bool:
     """Whether a Keras callback overrides a training-batch hook (Keras marks its defaults)."""
     from keras.src.utils.python_utils import is_default
@@ -473,6 +476,8 @@ def fit(
         else:
             raise ConfigError("validation_data must be (x, y), (x, y, sample_weight) or a tf.data.Dataset.")
     session.start(train.first)
+    settings = (batch_size, epochs, initial_epoch, steps_per_epoch, shuffle, seed, validation_split, train.steps, _shapes(train.first), val is not None)
+    session.check_same_everywhere("training settings (batch_size, epochs, data shapes, steps, shuffle, seed, validation)", repr(settings))
     opt_state = None
     if resume_from is not None:
         opt_state = checkpoint.load(model, resume_from)

@@ -79,7 +79,11 @@ def test_stall_is_reported_then_aborted(tmp_path):
 @pytest.mark.mpi
 @pytest.mark.parametrize(
     "case, message",
-    [("mismatch", r"The model differs between ranks \(ranks \[1\] differ from rank 0\)"), ("worldsize", r"4 ranks, not a multiple of num_partitions=3")],
+    [
+        ("mismatch", r"The model differs between ranks \(ranks \[1\] differ from rank 0\)"),
+        ("settings", r"The training settings .* differs between ranks \(ranks \[2\] differ from rank 0\)"),
+        ("worldsize", r"4 ranks, not a multiple of num_partitions=3"),
+    ],
 )
 def test_inconsistent_job_fails_fast_on_all_ranks(tmp_path, case, message):
     start = time.time()

@@ -148,5 +148,8 @@ elif what == "stall":
 elif what == "mismatch":
     hf.fit(model(width=16 if rank != 1 else 12), X, Y, batch_size=16, num_partitions=2, verbose=0)
 
+elif what == "settings":
+    hf.fit(model(), X, Y, batch_size=16 if rank != 2 else 32, num_partitions=2, verbose=0)
+
 elif what == "worldsize":
     hf.fit(model(), X, Y, batch_size=16, num_partitions=3, verbose=0)
