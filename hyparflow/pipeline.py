@@ -130,6 +130,7 @@ class StageRunner:
         self.fused = not self.send_float
         self.acc = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in self.variables]
         self.timers = {"compute": 0.0, "wait": 0.0, "allreduce": 0.0}
+        self._summed: np.ndarray | None = None  # allreduce result buffer, reused every step
         self._build_functions()
         StageRunner.last = self
 
@@ -260,7 +261,9 @@ class StageRunner:
         with phase("allreduce"):
             t0 = time.perf_counter()
             flat = to_numpy(self._flat_grads())
-            summed = aligned_empty(flat.shape, flat.dtype)
+            if self._summed is None or self._summed.shape != flat.shape:
+                self._summed = aligned_empty(flat.shape, flat.dtype)
+            summed = self._summed  # reused: the optimizer step below is done with it on return
             self.net.allreduce_sum(self.grid.data, flat, summed, "gradient allreduce")
             self.timers["allreduce"] += time.perf_counter() - t0
         if self.loss_scaled:
