@@ -135,6 +135,13 @@ class Plan:
             stage.output_tensors.append(t)
         for st in self.stages:
             st.data_inputs.sort()
+        for t in self.boundary:
+            info = graph.tensors[t]
+            if any(d is None for d in info.shape):
+                raise ConfigError(
+                    f"Boundary tensor '{info.name}' has shape {info.shape} with unknown dimensions, which cannot be sent "
+                    "between stages; give the model's Input layers full shapes, or choose cuts (balance=[...]) that avoid it."
+                )
 
     @property
     def boundary(self) -> list[int]:

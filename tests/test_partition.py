@@ -257,6 +257,12 @@ class Subclassed(keras.Model):
         return self.d(x)
 
 
+def _ragged_sequence_model():
+    inp = keras.Input((None, 4))
+    x = keras.layers.Dense(8)(inp)
+    return keras.Model(inp, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling1D()(x)))
+
+
 @pytest.mark.parametrize(
     "make, kwargs, message",
     [
@@ -272,6 +278,7 @@ class Subclassed(keras.Model):
         (lambda: zoo.mlp(depth=2), {"num_partitions": 2, "balance": [1, "a"]}, "only layer counts"),
         (lambda: zoo.shared(), {"num_partitions": 2, "balance": ["shared_enc"]}, "shared layer"),
         (lambda: zoo.shared(), {"num_partitions": 20}, "exceeds|only .* places can be cut"),
+        (lambda: _ragged_sequence_model(), {"num_partitions": 2, "balance": [1, 2]}, r"shape \(None, 8\) with unknown dimensions"),
     ],
 )
 def test_bad_plan_inputs(make, kwargs, message):
