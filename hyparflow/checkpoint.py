@@ -10,19 +10,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
 from hyparflow.comm import Grid
 from hyparflow.errors import ConfigError
+from hyparflow.graph import np_dtype
 from hyparflow.partition import Plan
 
 
-def _np_dtype(v) -> np.dtype:
-    return np.dtype(tf.as_dtype(v.dtype).as_numpy_dtype)
-
-
 def nbytes(variables: Sequence[Any]) -> int:
-    return sum(int(np.prod(v.shape)) * _np_dtype(v).itemsize for v in variables)
+    return sum(int(np.prod(v.shape)) * np_dtype(v.dtype).itemsize for v in variables)
 
 
 def pack(variables: Sequence[Any]) -> np.ndarray:
@@ -35,7 +31,7 @@ def pack(variables: Sequence[Any]) -> np.ndarray:
 def unpack(buffer: np.ndarray, variables: Sequence[Any]) -> None:
     offset = 0
     for v in variables:
-        dt = _np_dtype(v)
+        dt = np_dtype(v.dtype)
         n = int(np.prod(v.shape)) * dt.itemsize
         v.assign(buffer[offset : offset + n].view(dt).reshape(v.shape))
         offset += n

@@ -46,7 +46,7 @@ class TensorInfo:
 
     @property
     def bytes_per_sample(self) -> int:
-        return int(np.prod([d or 1 for d in self.shape])) * np.dtype(_np_dtype(self.dtype)).itemsize
+        return int(np.prod([d or 1 for d in self.shape])) * np_dtype(self.dtype).itemsize
 
 
 @dataclass
@@ -65,8 +65,11 @@ class LayerCall:
     cost: float = 0.0  # what balancing uses; set by ModelGraph.set_costs
 
 
-def _np_dtype(dtype: str) -> str:
-    return "float32" if dtype == "bfloat16" else dtype
+def np_dtype(dtype) -> np.dtype:
+    """The NumPy dtype of a TensorFlow / Keras dtype (bfloat16 included, via ml_dtypes)."""
+    import tensorflow as tf
+
+    return np.dtype(tf.as_dtype(dtype).as_numpy_dtype)
 
 
 def _functional(model):
@@ -168,7 +171,7 @@ class ModelGraph:
             call_count[id(layer)] = k + 1
             first = id(layer) not in seen_layers
             seen_layers.setdefault(id(layer), idx)
-            pbytes = sum(int(np.prod(w.shape)) * np.dtype(_np_dtype(w.dtype)).itemsize for w in layer.weights) if first else 0
+            pbytes = sum(int(np.prod(w.shape)) * np_dtype(w.dtype).itemsize for w in layer.weights) if first else 0
             pcount = sum(int(np.prod(w.shape)) for w in layer.weights)
             self.calls.append(
                 LayerCall(

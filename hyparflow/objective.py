@@ -122,10 +122,6 @@ class Objective:
                 metric.update_state(y, pred, sample_weight=sw if weighted else None)
 
     # ---- state exchange for exact aggregation -------------------------------------
-    @property
-    def metric_variables(self) -> list[Any]:
-        return [v for ms in self.metrics for m, _ in ms for v in m.variables]
-
     def metric_state(self, owned: Sequence[int]) -> np.ndarray:
         """Flat state of all metrics; zeros for outputs this rank does not own."""
         out = []

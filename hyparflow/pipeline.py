@@ -24,6 +24,7 @@ import tensorflow as tf
 from hyparflow.comm import Grid, Transport, aligned_empty, to_numpy, to_tensor
 from hyparflow.errors import ConfigError
 from hyparflow.failures import phase
+from hyparflow.graph import np_dtype
 from hyparflow.objective import Objective
 from hyparflow.partition import Plan
 
@@ -77,10 +78,6 @@ class _Step:
     loss: float = 0.0
     pending: list = field(default_factory=list)  # (buffer, request) of sends in flight
     stash: dict = field(default_factory=dict)  # micro-batch -> what its backward needs
-
-
-def np_dtype(name: str) -> np.dtype:
-    return np.dtype(tf.as_dtype(name).as_numpy_dtype)
 
 
 def _optimizer_for(optimizer, model, variables):
