@@ -324,7 +324,7 @@ class Session:
     def allreduce(self, local: np.ndarray, what: str) -> np.ndarray:
         """Sum a small float64 vector over the world, with the stall watchdog."""
         total = np.empty_like(local)
-        with phase(what):
+        with phase(f"allreduce ({what})"):
             self.runner.net.allreduce_sum(self.world, local, total, what)
         return total
 
