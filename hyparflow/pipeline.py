@@ -188,18 +188,18 @@ class StageRunner:
 
     # ---- transport helpers -----------------------------------------------------
     def _post_recvs(self, sizes: Sequence[int], tensors: list[int], peer_of, tag_offset: int):
-        """Pre-post receives for every micro-batch: {(m, t): (buffer, request, peer)}."""
+        """Pre-post receives for every micro-batch: {(m, t, peer): (buffer, request)}."""
         info = self.plan.graph.tensors
         posted = {}
         for m, n in enumerate(sizes):
             for t in tensors:
                 for peer in peer_of(t):
                     buf = aligned_empty((n,) + tuple(info[t].shape), np_dtype(info[t].dtype))
-                    posted[(m, t, peer)] = (buf, self.net.irecv(buf, peer, self.tag[t] + tag_offset), peer)
+                    posted[(m, t, peer)] = (buf, self.net.irecv(buf, peer, self.tag[t] + tag_offset))
         return posted
 
     def _take(self, posted, m: int, t: int, peer: int, what: str) -> np.ndarray:
-        buf, req, _ = posted.pop((m, t, peer))
+        buf, req = posted.pop((m, t, peer))
         t0 = time.perf_counter()
         self.net.wait([req], what, peer)
         self.timers["wait"] += time.perf_counter() - t0
@@ -208,6 +208,12 @@ class StageRunner:
     def _send(self, pending: list, value, dest: int, tag: int):
         array = to_numpy(value) if hasattr(value, "numpy") else value
         pending.append((array, self.net.isend(array, dest, tag)))
+
+    def _send_activations(self, pending: list, sends) -> None:
+        """Start sending a forward's boundary outputs to every stage that consumes them."""
+        for t, value in zip(self.send_ids, sends):
+            for d in self.dests[t]:
+                self._send(pending, value, d, self.tag[t])
 
     @staticmethod
     def _reg_scale(norm: StepNorm, mb: MicroBatch):
@@ -284,9 +290,7 @@ class StageRunner:
         self.timers["compute"] += time.perf_counter() - t0
         step.loss += float(loss)
         step.parts[self.stage.model_outputs] += [float(p) for p in per_output]
-        for t, value in zip(self.send_ids, sends):
-            for d in self.dests[t]:
-                self._send(step.pending, value, d, self.tag[t])
+        self._send_activations(step.pending, sends)
 
     def _backward_op(self, step: _Step, m: int) -> None:
         if self.fused:
@@ -323,8 +327,6 @@ class StageRunner:
                 loss_total += float(loss)
                 parts[self.stage.model_outputs] += [float(p) for p in per_output]
                 outputs.append(preds)
-                for t, value in zip(self.send_ids, sends):
-                    for d in self.dests[t]:
-                        self._send(pending, value, d, self.tag[t])
+                self._send_activations(pending, sends)
             self.net.wait([r for _, r in pending], "sends to neighbouring stages")
         return loss_total, parts, outputs

@@ -37,15 +37,20 @@ class Slot:
     cores: tuple[int, ...]  # cores it may use (empty: not bound)
 
 
-def assign(slots: Sequence[Slot], num_partitions: int, num_replicas: int, policy: str = "pipeline") -> list[tuple[int, int]]:
-    """(replica, stage) for each rank. Pure: testable with synthetic node layouts."""
+def check_grid(size: int, num_partitions: int, num_replicas: int, policy: str = "pipeline") -> None:
+    """The job's `size` ranks must be the grid, and the policy one we know."""
     if policy not in POLICIES:
         raise ConfigError(f"placement policy {policy!r}: expected one of {POLICIES}.")
-    if len(slots) != num_partitions * num_replicas:
+    if size != num_partitions * num_replicas:
         raise ConfigError(
-            f"The job has {len(slots)} ranks but num_partitions x num_replicas = {num_partitions} x {num_replicas} = "
+            f"The job has {size} ranks but num_partitions x num_replicas = {num_partitions} x {num_replicas} = "
             f"{num_partitions * num_replicas}; launch with -np {num_partitions * num_replicas} or change the grid."
         )
+
+
+def assign(slots: Sequence[Slot], num_partitions: int, num_replicas: int, policy: str = "pipeline") -> list[tuple[int, int]]:
+    """(replica, stage) for each rank. Pure: testable with synthetic node layouts."""
+    check_grid(len(slots), num_partitions, num_replicas, policy)
     order = sorted(slots, key=lambda s: (s.node, s.local_rank, s.rank))
     out: list[tuple[int, int]] = [(0, 0)] * len(slots)
     for i, s in enumerate(order):
