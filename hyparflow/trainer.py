@@ -24,7 +24,7 @@ from hyparflow.checkpoint import broadcast_variables, gather_stages
 from hyparflow.comm import Grid, make_grid
 from hyparflow.errors import ConfigError
 from hyparflow.failures import distributed, install_excepthook, phase, state
-from hyparflow.graph import ModelGraph
+from hyparflow.graph import ModelGraph, np_dtype
 from hyparflow.objective import Objective
 from hyparflow.partition import Plan
 from hyparflow.partition import plan as make_plan
@@ -229,11 +229,7 @@ class Session:
             raise ConfigError(f"num_microbatches must be a positive integer, got {num_microbatches!r}.")
         if schedule not in SCHEDULES:
             raise ConfigError(f"schedule={schedule!r}: expected one of {SCHEDULES}.")
-        if size != num_partitions * num_replicas:
-            raise ConfigError(
-                f"The job has {size} ranks but num_partitions x num_replicas = {num_partitions} x {num_replicas} = "
-                f"{num_partitions * num_replicas}; launch with -np {num_partitions * num_replicas} or change the grid."
-            )
+        placement.check_grid(size, num_partitions, num_replicas, placement_policy)
         self.model = model
         self.P, self.R, self.M = num_partitions, num_replicas, num_microbatches
         with phase("plan"):
@@ -276,18 +272,23 @@ class Session:
             specs = [self.plan.graph.tensors[t].ref for t in self.plan.graph.output_tensors]
             y_sample = [None if y is None else y[:2] for y in data.y]
             self.objective = Objective(self.model, self.plan.graph.output_names, y_sample, specs, need_loss)
-            self.runner = StageRunner(self.plan, self.grid, self.objective, self.model.optimizer, self.schedule)
+            self.runner = StageRunner(
+                self.plan, self.grid, self.objective, getattr(self.model, "optimizer", None), self.schedule
+            )  # none: predict on an uncompiled model
         return self.runner
 
     # ---- batches -------------------------------------------------------------
     def split(self, idx: np.ndarray) -> list[np.ndarray]:
         """This rank's micro-batches of a global batch: its replica's share, cut in up to M."""
-        mine = np.array_split(idx, self.R)[self.grid.replica]
-        return np.array_split(mine, min(self.M, len(mine))) if len(mine) else []
+        return self._cut(np.array_split(idx, self.R)[self.grid.replica])
+
+    def _cut(self, share: np.ndarray) -> list[np.ndarray]:
+        return np.array_split(share, min(self.M, len(share))) if len(share) else []
 
     def micro_batches(self, data: Data, idx: np.ndarray) -> tuple[list[MicroBatch], StepNorm]:
         """This rank's micro-batches of global batch `idx`, and the step's normalisers."""
-        parts = self.split(idx)
+        shares = np.array_split(idx, self.R)
+        parts = self._cut(shares[self.grid.replica])
         st = self.stage
         micro = [
             MicroBatch(
@@ -303,7 +304,7 @@ class Session:
             [len(idx) if k == "count" else float(data.sw[o][idx].sum()) if k == "weights" else 1.0 for o, k in enumerate(kinds)],
             np.float32,
         )
-        total_micro = sum(min(self.M, len(s)) for s in np.array_split(idx, self.R))
+        total_micro = sum(min(self.M, len(s)) for s in shares)
         return micro, StepNorm(divisors, 1.0 / max(total_micro, 1), len(idx))
 
     # ---- logs ----------------------------------------------------------------
@@ -598,15 +599,16 @@ def predict(
         for batch, idx in data.epoch(0):
             micro, norm = session.micro_batches(batch, idx)
             _, _, outs = runner.infer(micro, norm)
-            # Each output's owners fill their rows; a sum over the world assembles the batch.
-            position = {row: k for k, row in enumerate(idx)}
+            # Each output's owners fill their rows (positions within the batch); a sum over
+            # the world assembles the batch.
+            local_parts = session.split(np.arange(len(idx)))
             for pos, spec in enumerate(specs):
                 rows = np.zeros((len(idx),) + tuple(spec.shape), np.float64)
                 if pos in session.stage.model_outputs:
                     slot = session.stage.model_outputs.index(pos)
-                    for part, preds in zip(session.split(idx), outs):
-                        rows[[position[r] for r in part]] = np.asarray(preds[slot])
+                    for part, preds in zip(local_parts, outs):
+                        rows[part] = np.asarray(preds[slot], np.float64)
                 session.world.Allreduce(MPI.IN_PLACE, rows, op=MPI.SUM)
-                chunks[pos].append(rows.astype(np.dtype(spec.dtype) if "float" in spec.dtype else np.float64))
+                chunks[pos].append(rows.astype(np_dtype(spec.dtype) if "float" in spec.dtype else np.float64))
     out = [np.concatenate(c) for c in chunks]
     return out[0] if len(out) == 1 else out

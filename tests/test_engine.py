@@ -56,3 +56,23 @@ def test_optimizer_state_only_where_its_variables_live(results):
     for i in range(4):
         for j in range(i + 1, 4):
             assert not owned[i] & owned[j], f"ranks {i} and {j} both hold optimizer state for {owned[i] & owned[j]}"
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_predict_uncompiled_model_in_one_process(policy):
+    """Keras predicts with an uncompiled model, in the policy's output dtype; so must we."""
+    import keras
+    import numpy as np
+    import zoo
+
+    import hyparflow as hf
+
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = zoo.mlp()
+        x = np.random.default_rng(0).standard_normal((10, 12)).astype("float32")
+        ours, ref = hf.predict(model, x, batch_size=4), model.predict(x, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert ours.dtype == ref.dtype
+    np.testing.assert_allclose(ours.astype("float32"), ref.astype("float32"), rtol=1e-5, atol=1e-6)
