@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from hyparflow import keras_compat
 from hyparflow.errors import ConfigError
 
 COST_MODELS = ("time", "flops", "params")
@@ -76,21 +77,20 @@ def _functional(model):
     """The functional graph behind `model`, or a clear error if it has none."""
     import keras
 
+    fn = keras_compat.functional_graph(model)
+    if fn is not None:
+        return fn
     if isinstance(model, keras.Sequential):
-        if not model.built or getattr(model, "_functional", None) is None:
-            raise ConfigError(
-                f"Sequential model '{model.name}' is not built: give its first layer an "
-                "input shape (keras.Input(shape=...)) or call model.build(input_shape) first."
-            )
-        return model._functional
-    if not hasattr(model, "_nodes_by_depth") or not getattr(model, "outputs", None):
         raise ConfigError(
-            f"Model '{model.name}' ({type(model).__name__}) is a subclassed model with no "
-            "functional graph, so it cannot be split into stages. Use num_partitions=1 "
-            "(pure data parallelism), or rewrite it with the functional API "
-            "(keras.Input -> layers -> keras.Model(inputs, outputs))."
+            f"Sequential model '{model.name}' is not built: give its first layer an "
+            "input shape (keras.Input(shape=...)) or call model.build(input_shape) first."
         )
-    return model
+    raise ConfigError(
+        f"Model '{model.name}' ({type(model).__name__}) is a subclassed model with no "
+        "functional graph, so it cannot be split into stages. Use num_partitions=1 "
+        "(pure data parallelism), or rewrite it with the functional API "
+        "(keras.Input -> layers -> keras.Model(inputs, outputs))."
+    )
 
 
 def _flops(layer, call_inputs, call_outputs, param_count) -> float:
@@ -120,7 +120,8 @@ class ModelGraph:
         self.model = model
         fn = _functional(model)
         self.functional = fn
-        nodes = [n for depth in sorted(fn._nodes_by_depth, reverse=True) for n in fn._nodes_by_depth[depth]]
+        by_depth = keras_compat.nodes_by_depth(fn)
+        nodes = [n for depth in sorted(by_depth, reverse=True) for n in by_depth[depth]]
         keras_rank = {id(n): i for i, n in enumerate(nodes)}
         nodes = [n for n in nodes if n.operation is not None and not n.is_input]
 
@@ -299,7 +300,7 @@ def run_call(call: LayerCall, values: dict[int, Any], tensors: list[TensorInfo],
 
     by_ref = {id(tensors[i].ref): values[i] for i in call.inputs}
     args, kwargs = call.node.arguments.fill_in(by_ref)
-    if "training" in getattr(call.layer, "_call_context_args", ()):
+    if "training" in keras_compat.call_context_args(call.layer):
         kwargs["training"] = training
     out = keras.tree.flatten(call.layer(*args, **kwargs))
     return dict(zip(call.outputs, out))

@@ -14,11 +14,8 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from keras.src.backend import get_keras_mask
-from keras.src.losses.loss import reduce_weighted_values
-from keras.src.trainers.compile_utils import get_loss, get_metric
-
 from hyparflow.errors import ConfigError
+from hyparflow.keras_compat import compiled_loss, compiled_metrics, get_keras_mask, get_loss, get_metric, reduce_weighted_values
 
 _BATCH_MEAN = ("sum_over_batch_size", "mean")
 
@@ -41,13 +38,13 @@ class Objective:
     """Per-output losses, loss weights and metrics of a compiled model."""
 
     def __init__(self, model, output_names: list[str], y_sample: Sequence[np.ndarray | None], pred_specs: Sequence[Any], need_loss: bool = True):
-        compile_loss = getattr(model, "_compile_loss", None)
+        compile_loss = compiled_loss(model)
         if need_loss and (compile_loss is None or getattr(model, "optimizer", None) is None):
             raise ConfigError(f"Model '{model.name}' is not compiled: call model.compile(optimizer=..., loss=...) before hyparflow.fit or evaluate.")
         self.names = output_names
         multi = len(output_names) > 1
-        losses = _per_output(compile_loss._user_loss, output_names, "loss") if compile_loss is not None else [None] * len(output_names)
-        weights = compile_loss._user_loss_weights if compile_loss is not None else None
+        user_loss, weights = compile_loss if compile_loss is not None else (None, None)
+        losses = _per_output(user_loss, output_names, "loss") if compile_loss is not None else [None] * len(output_names)
         weights = _per_output(weights, output_names, "loss_weights") if weights is not None else [None] * len(output_names)
         self.losses, self.loss_weights = [], []
         for y, spec, ident, lw, name in zip(y_sample, pred_specs, losses, weights, output_names, strict=True):
@@ -57,9 +54,9 @@ class Objective:
             self.loss_weights.append(1.0 if lw is None else float(lw))
         if need_loss and all(fn is None for fn in self.losses):
             raise ConfigError("No loss to compute: give model.compile a loss for at least one output (and targets for it).")
-        cm = getattr(model, "_compile_metrics", None)
-        user_metrics = _per_output(cm._user_metrics, output_names, "metrics") if cm is not None else [None] * len(output_names)
-        user_weighted = _per_output(cm._user_weighted_metrics, output_names, "weighted_metrics") if cm is not None else [None] * len(output_names)
+        cm = compiled_metrics(model)
+        user_metrics = _per_output(cm[0], output_names, "metrics") if cm is not None else [None] * len(output_names)
+        user_weighted = _per_output(cm[1], output_names, "weighted_metrics") if cm is not None else [None] * len(output_names)
         self.metrics: list[list[tuple[Any, bool]]] = []
         for pos, (y, spec) in enumerate(zip(y_sample, pred_specs)):
             found = []

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from hyparflow import keras_compat
 from hyparflow.errors import ConfigError
 from hyparflow.graph import COST_MODELS, TIME_PROFILE_MAX_CALLS, LayerCall, ModelGraph, TensorInfo, balanced_cuts, run_call
 
@@ -76,13 +77,13 @@ class Stage:
     @property
     def weight_losses(self) -> list[Any]:
         """Weight regularizer losses: they depend on the weights only, not on the batch."""
-        return [loss for layer in self.unique_layers for loss in layer._get_regularization_losses()]
+        return [loss for layer in self.unique_layers for loss in keras_compat.regularization_losses(layer)]
 
     @property
     def call_losses(self) -> list[Any]:
         """Losses added during the last forward (activity regularizers, `add_loss` in call):
         computed on that batch, so they add up over micro-batches."""
-        return [loss for layer in self.unique_layers for sub in layer._flatten_layers() for loss in sub._get_own_losses()]
+        return [loss for layer in self.unique_layers for loss in keras_compat.own_call_losses(layer)]
 
     def forward(self, feeds: dict[int, Any], training: bool) -> dict[int, Any]:
         """Run the stage. `feeds` maps tensor index -> value for its received boundary

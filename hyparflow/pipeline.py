@@ -25,6 +25,7 @@ from hyparflow.comm import Grid, Transport, aligned_empty, to_numpy, to_tensor
 from hyparflow.errors import ConfigError
 from hyparflow.failures import phase
 from hyparflow.graph import np_dtype
+from hyparflow.keras_compat import optimizer_variables_for
 from hyparflow.objective import Objective
 from hyparflow.partition import Plan
 
@@ -85,7 +86,7 @@ def _optimizer_for(optimizer, model, variables):
     built for another layout by an earlier fit) a fresh one carrying its state over."""
     from hyparflow.checkpoint import optimizer_state, restore_optimizer_state
 
-    if not getattr(optimizer, "built", False) or {id(v) for v in optimizer._trainable_variables} == {id(v) for v in variables}:
+    if not getattr(optimizer, "built", False) or {id(v) for v in optimizer_variables_for(optimizer)} == {id(v) for v in variables}:
         return optimizer
     fresh = optimizer.__class__.from_config(optimizer.get_config())
     restore_optimizer_state(fresh, model, variables, optimizer_state(optimizer, model))

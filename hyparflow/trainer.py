@@ -19,7 +19,7 @@ import keras
 import numpy as np
 from mpi4py import MPI
 
-from hyparflow import checkpoint, placement
+from hyparflow import checkpoint, keras_compat, placement
 from hyparflow.checkpoint import broadcast_variables, gather_stages
 from hyparflow.comm import Grid, make_grid
 from hyparflow.errors import ConfigError
@@ -384,10 +384,8 @@ def _shapes(data: Data) -> list:
 
 def _has_batch_hooks(callback) -> bool:
     """Whether a Keras callback overrides a training-batch hook (Keras marks its defaults)."""
-    from keras.src.utils.python_utils import is_default
-
     hooks = ("on_train_batch_begin", "on_train_batch_end", "on_batch_begin", "on_batch_end")
-    return any(not is_default(getattr(callback, h)) for h in hooks)
+    return any(not keras_compat.is_default(getattr(callback, h)) for h in hooks)
 
 
 def _check_batch(batch_size) -> int:
