@@ -7,6 +7,11 @@ from hyparflow.placement import configure_threads
 # Before TensorFlow starts: each rank takes its share of the node's cores.
 configure_threads()
 
+from hyparflow import failures  # noqa: E402
+
+# In a multi-rank job, an uncaught exception anywhere in the script ends every rank.
+failures.install()
+
 from hyparflow.checkpoint import save  # noqa: E402
 from hyparflow.errors import ConfigError  # noqa: E402
 from hyparflow.partition import Plan, Stage, plan  # noqa: E402

@@ -166,8 +166,6 @@ def _timers_callback():
     """A callback reading the stage runner's compute / wait / allreduce timers after warm-up."""
     import keras
 
-    from hyparflow import pipeline
-
     class Timers(keras.callbacks.Callback):
         def __init__(self, warmup: int):
             super().__init__()
@@ -176,15 +174,15 @@ def _timers_callback():
         def on_train_batch_end(self, batch, logs=None):
             self.batch += 1
             if self.batch == self.warmup:
-                self.start = (time.perf_counter(), dict(pipeline.StageRunner.last.timers))
+                self.start = (time.perf_counter(), dict(self.params["hyparflow"]["timers"]))
 
         def collect(self) -> dict:
-            runner = pipeline.StageRunner.last
+            info = self.params["hyparflow"]
             t0, before = self.start
             wall = time.perf_counter() - t0
-            out = {k: runner.timers[k] - before[k] for k in runner.timers}
+            out = {k: info["timers"][k] - before[k] for k in info["timers"]}
             out["wall"] = wall
-            out["stage"], out["replica"] = runner.grid.stage, runner.grid.replica
+            out["stage"], out["replica"] = info["stage"], info["replica"]
             return out
 
     return Timers
@@ -197,12 +195,12 @@ def worker_comm(args) -> dict:
     import tensorflow as tf
     from mpi4py import MPI
 
-    from hyparflow.comm import Grid, Transport, aligned_empty, as_bytes, to_numpy, to_tensor
+    from hyparflow.transport import Transport, aligned_empty, as_bytes, to_numpy, to_tensor
 
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
-    grid = Grid(world, 2, 1, 0, rank, world, world.Split(rank, 0), ((0, 1),))
-    net = Transport(grid)
+    net = Transport(world)
+    net.form_grid([(0, 0), (0, 1)], 2, 1)  # one replica of two stages: pipe = the world
 
     def raw_pingpong(raw, recv, tensor):
         if rank == 0:
@@ -216,21 +214,21 @@ def worker_comm(args) -> dict:
         """The activation path: TF tensor -> raw buffer -> Isend ... Irecv -> aligned buffer -> TF tensor."""
         buf = aligned_empty(raw.shape, raw.dtype)
         if rank == 0:
-            net.wait([net.isend(to_numpy(tensor), 1, 0)], "bench")
-            net.wait([net.irecv(buf, 1, 1)], "bench")
+            net.wait([net.isend(to_numpy(tensor), 1, 0)], "bench", stage=1)
+            net.wait([net.irecv(buf, 1, 1)], "bench", stage=1)
             to_tensor(buf)
         else:
-            net.wait([net.irecv(buf, 0, 0)], "bench")
-            net.wait([net.isend(to_numpy(to_tensor(buf)), 0, 1)], "bench")
+            net.wait([net.irecv(buf, 0, 0)], "bench", stage=0)
+            net.wait([net.isend(to_numpy(to_tensor(buf)), 0, 1)], "bench", stage=0)
 
     def raw_allreduce(raw, recv, tensor):
         world.Allreduce(raw, recv, op=MPI.SUM)
 
     def hf_allreduce(raw, recv, tensor):
         """The gradient path: accumulated gradients -> flat buffer -> Iallreduce into the
-        runner's reused aligned buffer -> TF tensor."""
+        reducer's reused aligned buffer -> TF tensor."""
         flat = to_numpy(tensor)
-        net.allreduce_sum(world, flat, recv, "bench")
+        net.allreduce(flat, recv, "bench")
         to_tensor(recv)
 
     out = {}

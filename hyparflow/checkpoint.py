@@ -1,6 +1,7 @@
 """Moving and saving model state: weights packed into one raw byte buffer per transfer
-(broadcast at start, gathered from the stages at the end), and checkpoints written
-atomically so a crash never leaves a corrupt file behind."""
+(broadcast at start, gathered from the stages at the end), checkpoints written
+atomically so a crash never leaves a corrupt file behind, and the resume decision
+taken once, by rank 0, for every rank."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from hyparflow.comm import Grid
 from hyparflow.errors import ConfigError
 from hyparflow.graph import np_dtype
 from hyparflow.partition import Plan
+from hyparflow.transport import STAGE_STATE_TAG, Transport
 
 
 def nbytes(variables: Sequence[Any]) -> int:
@@ -37,31 +38,31 @@ def unpack(buffer: np.ndarray, variables: Sequence[Any]) -> None:
         offset += n
 
 
-def broadcast_variables(comm, variables: Sequence[Any], root: int = 0) -> None:
-    """Make `variables` on every rank of `comm` equal to those on `root` (one Bcast)."""
-    if comm.Get_size() == 1:
+def broadcast_variables(transport: Transport, variables: Sequence[Any], root: int = 0) -> None:
+    """Make `variables` on every rank equal to those on world rank `root` (one broadcast)."""
+    if transport.size == 1:
         return
-    buf = pack(variables) if comm.Get_rank() == root else np.empty(nbytes(variables), np.uint8)
-    comm.Bcast(buf, root=root)
-    if comm.Get_rank() != root:
+    buf = pack(variables) if transport.rank == root else np.empty(nbytes(variables), np.uint8)
+    transport.bcast_array(buf, root, "weight broadcast")
+    if transport.rank != root:
         unpack(buf, variables)
 
 
-def gather_stages(plan: Plan, grid: Grid, to_all: bool = False) -> None:
+def gather_stages(plan: Plan, transport: Transport, to_all: bool = False) -> None:
     """Copy each stage's variables from its replica-0 rank to world rank 0 (or to all)."""
-    world, me = grid.world, grid.rank
+    grid, me = transport.grid, transport.rank
+    assert grid is not None, "gather_stages needs the session's grid"
     for s, stage in enumerate(plan.stages):
         root = grid.ranks[0][s]
         variables = stage.variables
         if to_all:
-            broadcast_variables(world, variables, root)
-        elif root != 0:
-            if me == root:
-                world.Send(pack(variables), dest=0, tag=7000 + s)
-            elif me == 0:
-                buf = np.empty(nbytes(variables), np.uint8)
-                world.Recv(buf, source=root, tag=7000 + s)
-                unpack(buf, variables)
+            broadcast_variables(transport, variables, root)
+        elif root != 0 and me == root:
+            transport.send_array(pack(variables), 0, STAGE_STATE_TAG + s, f"stage {s} weights to rank 0")
+        elif root != 0 and me == 0:
+            buf = np.empty(nbytes(variables), np.uint8)
+            transport.recv_array(buf, root, STAGE_STATE_TAG + s, f"stage {s} weights")
+            unpack(buf, variables)
 
 
 def atomic_write(path: str, write) -> None:
@@ -133,20 +134,22 @@ def save(model, path: str, comm=None) -> None:
     which holds the gathered weights after `hyparflow.fit`, writes the file atomically.
     Loadable with `keras.models.load_model` and resumable under any layout.
     """
-    from mpi4py import MPI
+    write_checkpoint(model, path, Transport(comm))
 
-    comm = comm if comm is not None else MPI.COMM_WORLD
+
+def write_checkpoint(model, path: str, transport: Transport) -> None:
+    """`save` on an existing transport (see there)."""
     if not str(path).endswith(".keras"):
         raise ConfigError(f"checkpoint path {path} must end in .keras")
-    states = comm.gather(optimizer_state(model.optimizer, model), root=0)
+    states = transport.gather(optimizer_state(model.optimizer, model), root=0)
     error = None
-    if comm.Get_rank() == 0:
+    if transport.rank == 0:
         try:
-            merged = {k: v for s in states for k, v in s.items()}
+            merged = {k: v for s in states or [] for k, v in s.items()}
             _write(model, path, merged)
         except Exception as e:  # reported on every rank below
             error = f"{type(e).__name__}: {e}"
-    error = comm.bcast(error, root=0)
+    error = transport.bcast(error, root=0)
     if error:
         raise RuntimeError(f"checkpoint {path} could not be written by rank 0: {error}")
 
@@ -211,6 +214,24 @@ def latest(model, folder: str) -> tuple[int, dict] | None:
         except ConfigError as e:
             logging.getLogger("hyparflow").warning("skipping checkpoint: %s", e)
     return None
+
+
+def resume(model, transport: Transport, resume_from: str | None, folder: str | None) -> tuple[int | None, dict | None]:
+    """Decided once for all ranks: rank 0 loads `resume_from`, else the newest readable
+    checkpoint in `folder`, and tells the others (epoch, optimizer state); its weights
+    reach them with the start-up broadcast. A file rank 0 cannot read fails every rank."""
+    if resume_from is None and folder is None:
+        return None, None
+    found: Any = None
+    if transport.rank == 0:
+        try:
+            found = (None, load(model, resume_from)) if resume_from is not None else latest(model, folder)
+        except ConfigError as e:
+            found = e
+    found = transport.bcast(found, root=0)
+    if isinstance(found, ConfigError):
+        raise ConfigError(f"rank 0 cannot resume: {found}")
+    return found if found is not None else (None, None)
 
 
 def prune(folder: str, keep: int) -> None:

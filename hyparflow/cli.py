@@ -49,17 +49,12 @@ def _plan(args) -> int:
 
 
 def _settings(args) -> dict[str, str]:
-    settings = {}
-    for flag, var in (
-        ("partitions", "HYPARFLOW_PARTITIONS"),
-        ("replicas", "HYPARFLOW_REPLICAS"),
-        ("microbatches", "HYPARFLOW_MICROBATCHES"),
-        ("schedule", "HYPARFLOW_SCHEDULE"),
-    ):
-        value = getattr(args, flag, None)
-        if value is not None:
-            settings[var] = str(value)
-    return settings
+    """The run flags given, as the HYPARFLOW_* variables the ranks read (settings.LAYOUT_ENV)."""
+    from hyparflow.settings import LAYOUT_ENV
+
+    flags = {"num_partitions": "partitions", "num_replicas": "replicas", "num_microbatches": "microbatches", "schedule": "schedule"}
+    values = {LAYOUT_ENV[key][0]: getattr(args, flag, None) for key, flag in flags.items()}
+    return {var: str(value) for var, value in values.items() if value is not None}
 
 
 def _run(args) -> int:

@@ -3,22 +3,27 @@ the rank, its place in the grid, the phase and the original traceback.
 
 Errors in validation are raised identically on every rank before any communication,
 so they surface as ordinary exceptions. Anything that escapes while ranks talk to each
-other is logged and the world is aborted (MPI_Abort), so no peer stays blocked in a
-receive or a collective.
+other is reported and the world is aborted, so no peer stays blocked in a receive or a
+collective. `install()` (run by `import hyparflow` in a multi-rank job, as
+`python -m mpi4py` does) extends this to the user's whole script: an uncaught exception
+on any rank aborts the job, and a rank that ends normally tells the others, so a peer
+waiting for it at a session's start fails at once instead of hanging.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
-import logging
 import sys
+import threading
 import traceback
 from collections.abc import Iterator
+from typing import Any
 
-log = logging.getLogger("hyparflow")
 
+class _State(threading.local):
+    """What this rank (a thread, in a loopback world) is doing, for messages."""
 
-class _State:
     phase = "start-up"
     where = ""  # "rank 3 (replica 1, stage 1)" once the grid exists
 
@@ -30,52 +35,49 @@ state = _State()
 def phase(name: str) -> Iterator[None]:
     """Label what this rank is doing, for failure and stall messages."""
     previous, state.phase = state.phase, name
-    yield
-    state.phase = previous
+    try:
+        yield
+    finally:
+        state.phase = previous
 
 
-def abort(message: str, code: int = 1) -> None:
-    """Log `message` on stderr and abort every rank of the job."""
-    from mpi4py import MPI
-
+def report(message: str) -> None:
+    """Write a failure message on stderr."""
     sys.stderr.write(f"\nhyparflow: {message}\n")
     sys.stderr.flush()
-    MPI.COMM_WORLD.Abort(code)
-
-
-def _where() -> str:
-    if state.where:
-        return state.where
-    from mpi4py import MPI
-
-    return f"rank {MPI.COMM_WORLD.Get_rank()}"
 
 
 @contextlib.contextmanager
-def distributed() -> Iterator[None]:
+def distributed(transport: Any) -> Iterator[None]:
     """Run a block in which ranks communicate: any exception aborts the job, by name."""
-    from mpi4py import MPI
-
     try:
         yield
     except BaseException as exc:
-        if MPI.COMM_WORLD.Get_size() == 1:
+        if transport.size == 1:
             raise
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        abort(f"{_where()} failed during {state.phase}: {type(exc).__name__}: {exc}\n{tb}")
+        where = state.where or transport.where
+        transport.abort(f"{where} failed during {state.phase}: {type(exc).__name__}: {exc}\n{tb}")
+        raise
 
 
-def install_excepthook() -> None:
-    """Abort the job when an uncaught exception ends a rank of a multi-rank job."""
-    from mpi4py import MPI
+def install() -> None:
+    """In a multi-rank MPI job: abort the job on an uncaught exception on any rank, and
+    announce a normal exit to ranks that may wait for this one. Idempotent."""
+    from hyparflow.transport import Transport, launched_size
 
-    if MPI.COMM_WORLD.Get_size() == 1 or getattr(sys.excepthook, "_hyparflow", False):
+    if launched_size() <= 1 or getattr(sys.excepthook, "_hyparflow", False):
+        return
+    world = Transport()
+    if world.size == 1:
         return
     previous = sys.excepthook
 
     def hook(kind, value, tb):
         previous(kind, value, tb)
-        abort(f"{_where()} ended with an uncaught {kind.__name__} during {state.phase}: {value}")
+        where = state.where or world.where
+        world.abort(f"{where} ended with an uncaught {kind.__name__} during {state.phase}: {value}")
 
     hook._hyparflow = True  # type: ignore[attr-defined]
     sys.excepthook = hook
+    atexit.register(world.announce_exit)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
+
 from hyparflow.errors import ConfigError
 from hyparflow.keras_compat import compiled_loss, compiled_metrics, get_keras_mask, get_loss, get_metric, reduce_weighted_values
 

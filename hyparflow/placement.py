@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -127,18 +126,11 @@ def configure_threads(bind: bool = False) -> int:
     return int(os.environ["TF_NUM_INTRAOP_THREADS"])
 
 
-def discover(world) -> list[Slot]:
-    """Every rank's node, host and core share (collective over `world`)."""
-    from mpi4py import MPI
-
-    node_comm = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
-    local_rank, local_size = node_comm.Get_rank(), node_comm.Get_size()
-    leader = world.Get_rank() if local_rank == 0 else -1
-    leader = node_comm.allreduce(leader, op=MPI.MAX)
-    node_comm.Free()
-    host = socket.gethostname()
+def discover(transport) -> list[Slot]:
+    """Every rank's node, host and core share (collective over the transport's world)."""
+    leader, host, local_rank, local_size = transport.node_layout()
     cores = split_cores(node_cores(), local_size, local_rank)
-    rows = world.allgather((leader, host, local_rank, cores))
+    rows = transport.allgather((leader, host, local_rank, cores))
     leaders = sorted({r[0] for r in rows})
     return [Slot(rank=i, node=leaders.index(r[0]), host=r[1], local_rank=r[2], cores=tuple(r[3])) for i, r in enumerate(rows)]
 

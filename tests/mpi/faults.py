@@ -18,7 +18,7 @@ import tensorflow as tf
 from mpi4py import MPI
 
 import hyparflow as hf
-from hyparflow import comm
+from hyparflow import transport
 
 rank = MPI.COMM_WORLD.Get_rank()
 what = sys.argv[1]
@@ -92,18 +92,18 @@ if what in ("forward", "backward", "allreduce", "callback"):
     P = int(sys.argv[3])
     callbacks = []
     if what == "allreduce":
-        original = comm.Transport.allreduce_sum
+        original = transport.Transport.allreduce
 
-        def failing(self, c, send, recv, label):
+        def failing(self, send, recv, label, **kw):
             # Any allreduce: the gradient one (replicas) or the world's log/stop reductions
             # (a 4x1 pipeline has no gradient allreduce: nothing to average).
             if rank == FAIL_RANK:
                 calls["forward"] += 1
                 if calls["forward"] > FAIL_STEP:
                     inject("allreduce")
-            return original(self, c, send, recv, label)
+            return original(self, send, recv, label, **kw)
 
-        comm.Transport.allreduce_sum = failing
+        transport.Transport.allreduce = failing
     if what == "callback":
 
         class Boom(keras.callbacks.Callback):

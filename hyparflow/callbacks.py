@@ -1,0 +1,72 @@
+"""Keras callbacks across ranks: which run where, and what the ranks must agree on.
+
+Callbacks that write files or print run on rank 0 only; the rest run on every rank with
+the same reduced logs. Since the two sets differ between ranks, whether anyone needs
+the weights on rank 0 at epoch ends, and whether anyone reads per-batch logs, is
+decided together (one reduction at the start).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+
+from hyparflow.failures import phase
+from hyparflow.keras_compat import is_default
+from hyparflow.loop import OnBatch, world_sum
+from hyparflow.session import Session
+
+RANK0_CALLBACKS = (keras.callbacks.ModelCheckpoint, keras.callbacks.CSVLogger, keras.callbacks.TensorBoard, keras.callbacks.ProgbarLogger)
+_BATCH_HOOKS = ("on_train_batch_begin", "on_train_batch_end", "on_batch_begin", "on_batch_end")
+
+
+def has_batch_hooks(callback) -> bool:
+    """Whether a Keras callback overrides a training-batch hook (Keras marks its defaults)."""
+    return any(not is_default(getattr(callback, h)) for h in _BATCH_HOOKS)
+
+
+class Callbacks:
+    """The rank's callback list for one `fit`, and what all ranks agreed on."""
+
+    def __init__(self, session: Session, callbacks: Sequence[Any] | None, verbose: int, epochs: int, steps: int | None):
+        rank = session.transport.rank
+        mine = [cb for cb in (callbacks or []) if rank == 0 or not isinstance(cb, RANK0_CALLBACKS)]
+        self.list = keras.callbacks.CallbackList(
+            mine, add_history=True, add_progbar=bool(verbose) and rank == 0, model=session.model,
+            verbose=verbose, epochs=epochs, steps=steps, hyparflow=self._params(session),
+        )
+        self.history = next(cb for cb in self.list.callbacks if isinstance(cb, keras.callbacks.History))
+        local = np.array([any(isinstance(cb, keras.callbacks.ModelCheckpoint) for cb in mine),
+                          any(map(has_batch_hooks, self.list.callbacks))], float)
+        agreed = world_sum(session, local, "callback agreement", op="max")
+        self.weights_on_rank0, self.batch_hooks = (bool(f) for f in agreed)
+
+    @staticmethod
+    def _params(session: Session) -> dict[str, Any]:
+        """What callbacks may read as `self.params["hyparflow"]`: the grid position and the
+        executor's live timers (seconds of compute, waiting and allreduce)."""
+        grid, executor = session.grid, session.executor
+        return {"stage": grid.stage, "replica": grid.replica, "timers": executor.timers if executor else {}}
+
+    def call(self, hook: str, *args, label: str = "") -> None:
+        """Run `hook` of every callback, labelled for failure messages."""
+        with phase(f"callback {hook}{label}"):
+            getattr(self.list, hook)(*args)
+
+    def on_batch(self, epoch: int) -> OnBatch | None:
+        """The per-step hook for `loop.run_epoch`, or None when no callback reads batches."""
+        if not self.batch_hooks:
+            return None
+
+        def hook(step: int, logs: dict[str, float] | None) -> None:
+            """logs=None before the step, the reduced logs after it."""
+            where = f" (epoch {epoch}, step {step})"
+            if logs is None:
+                self.call("on_train_batch_begin", step, label=where)
+            else:
+                self.call("on_train_batch_end", step, logs, label=where)
+
+        return hook

@@ -1,0 +1,172 @@
+"""The executor: walks a stage's schedule for one step, pre-posts every receive, feeds
+the stage, ships its activations forward and its input gradients back, then hands the
+accumulated gradients to the reducer and the optimizer.
+
+`timers` accumulates seconds of compute, of waiting on peers, and of gradient reduction.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from hyparflow.failures import phase
+from hyparflow.graph import np_dtype
+from hyparflow.reducer import Reducer
+from hyparflow.schedule import FORWARD, schedule
+from hyparflow.stage import MicroBatch, StageCompute, StepNorm
+from hyparflow.transport import Transport, aligned_empty, to_numpy, to_tensor
+
+
+@dataclass
+class _Step:
+    """Bookkeeping of one step on one stage."""
+
+    fwd_posted: dict
+    bwd_posted: dict
+    divisors: Any
+    parts: np.ndarray
+    loss: float = 0.0
+    pending: list = field(default_factory=list)  # (buffer, request) of sends in flight
+    stash: dict = field(default_factory=dict)  # micro-batch -> what its backward needs
+
+
+class Executor:
+    def __init__(self, compute: StageCompute, transport: Transport, schedule_kind: str):
+        self.compute, self.transport, self.schedule_kind = compute, transport, schedule_kind
+        self.grid = transport.grid
+        self.reducer = Reducer(transport, compute.loss_scaled)
+        self.tag = {t: 2 * i for i, t in enumerate(compute.plan.boundary)}
+        self.timers = {"compute": 0.0, "wait": 0.0, "allreduce": 0.0}
+
+    # ---- transfers ------------------------------------------------------------------
+    def _post_recvs(self, sizes: Sequence[int], tensors: list[int], peers: Callable[[int], list[int]], offset: int) -> dict:
+        """Pre-post receives for every micro-batch: {(m, t, peer): (buffer, request)}."""
+        info = self.compute.plan.graph.tensors
+        posted = {}
+        for m, n in enumerate(sizes):
+            for t in tensors:
+                for peer in peers(t):
+                    buf = aligned_empty((n,) + tuple(info[t].shape), np_dtype(info[t].dtype))
+                    posted[(m, t, peer)] = (buf, self.transport.irecv(buf, peer, self.tag[t] + offset))
+        return posted
+
+    def _take(self, posted: dict, m: int, t: int, peer: int, what: str) -> np.ndarray:
+        buf, req = posted.pop((m, t, peer))
+        t0 = time.perf_counter()
+        self.transport.wait([req], what, stage=peer)
+        self.timers["wait"] += time.perf_counter() - t0
+        return buf
+
+    def _send(self, pending: list, value, dest: int, tag: int) -> None:
+        array = to_numpy(value) if hasattr(value, "numpy") else value
+        pending.append((array, self.transport.isend(array, dest, tag)))
+
+    def _send_activations(self, pending: list, sends) -> None:
+        for t, value in zip(self.compute.send_ids, sends):
+            for d in self.compute.dests[t]:
+                self._send(pending, value, d, self.tag[t])
+
+    def _inputs(self, posted: dict, m: int, mb: MicroBatch) -> tuple:
+        c = self.compute
+        what = f"activations of micro-batch {m}"
+        recv_vals = [to_tensor(self._take(posted, m, t, c.src[t], what)) for t in c.stage.recv]
+        convert = tf.convert_to_tensor
+        return recv_vals, [convert(x) for x in mb.inputs], [convert(y) for y in mb.targets], [convert(w) for w in mb.weights]
+
+    @staticmethod
+    def _reg_scale(norm: StepNorm, mb: MicroBatch):
+        return tf.constant([norm.reg_scale, mb.size / norm.count], tf.float32)
+
+    # ---- a training step --------------------------------------------------------------
+    def train_step(self, micro: list[MicroBatch], norm: StepNorm) -> tuple[float, np.ndarray]:
+        """Run the schedule over `micro`, reduce, apply. Returns this rank's share of the
+        step's loss, and of each output's unweighted loss."""
+        c, sizes = self.compute, [mb.size for mb in micro]
+        step = _Step(
+            fwd_posted=self._post_recvs(sizes, c.stage.recv, lambda t: [c.src[t]], 0),
+            bwd_posted=self._post_recvs(sizes, c.send_float, lambda t: c.dests[t], 1),
+            divisors=tf.constant(norm.divisors, tf.float32),
+            parts=np.zeros(len(c.plan.graph.output_names)),
+        )
+        for op, m in schedule(self.schedule_kind, self.grid.num_partitions, self.grid.stage, len(micro)):
+            if op == FORWARD:
+                with phase(f"{'forward and backward' if c.fused else 'forward'} (micro-batch {m})"):
+                    self._forward(step, m, micro[m], norm)
+            else:
+                with phase(f"backward (micro-batch {m})"):
+                    self._backward(step, m)
+        with phase("sends to neighbouring stages"):
+            self.transport.wait([r for _, r in step.pending], "sends to neighbouring stages")
+        self._update()
+        return step.loss, step.parts
+
+    def _update(self) -> None:
+        c = self.compute
+        if not c.variables and not c.loss_scaled:
+            return
+        if not self.reducer.needed:
+            with phase("optimizer"):
+                c.apply_accumulated()
+            return
+        with phase("allreduce"):
+            t0 = time.perf_counter()
+            flat = to_numpy(c.flat_grads()) if c.variables else np.zeros(0, np.float32)
+            summed = self.reducer.reduce(flat)
+            self.timers["allreduce"] += time.perf_counter() - t0
+        if c.variables:
+            with phase("optimizer"):
+                c.apply_flat(to_tensor(summed))
+
+    def _forward(self, step: _Step, m: int, mb: MicroBatch, norm: StepNorm) -> None:
+        c = self.compute
+        args = self._inputs(step.fwd_posted, m, mb)
+        t0 = time.perf_counter()
+        if c.fused:
+            sends, in_grads, loss, per_output = c.forward_backward(*args, step.divisors, self._reg_scale(norm, mb))
+            step.stash[m] = in_grads
+        else:
+            sends, loss, per_output, step.stash[m] = c.forward(args, step.divisors, self._reg_scale(norm, mb))
+        self.timers["compute"] += time.perf_counter() - t0
+        step.loss += float(loss)
+        step.parts[c.stage.model_outputs] += [float(p) for p in per_output]
+        self._send_activations(step.pending, sends)
+
+    def _backward(self, step: _Step, m: int) -> None:
+        c = self.compute
+        if c.fused:
+            in_grads = step.stash.pop(m)  # computed with the forward
+        else:
+            out_grads = []
+            for t in c.send_float:
+                what = f"gradients of micro-batch {m}"
+                pieces = [self._take(step.bwd_posted, m, t, d, what) for d in c.dests[t]]
+                out_grads.append(to_tensor(pieces[0]) if len(pieces) == 1 else tf.convert_to_tensor(np.sum(pieces, axis=0)))
+            t0 = time.perf_counter()
+            in_grads = c.backward(step.stash.pop(m), out_grads)
+            self.timers["compute"] += time.perf_counter() - t0
+        for t, g in zip(c.recv_float, in_grads):
+            self._send(step.pending, g, c.src[t], self.tag[t] + 1)
+
+    # ---- forward only -------------------------------------------------------------------
+    def infer(self, micro: list[MicroBatch], norm: StepNorm) -> tuple[float, np.ndarray, list[list[Any]]]:
+        """Forward passes for evaluate/predict: (loss share, per-output shares, outputs per micro-batch)."""
+        c = self.compute
+        posted = self._post_recvs([mb.size for mb in micro], c.stage.recv, lambda t: [c.src[t]], 0)
+        pending: list = []
+        divisors = tf.constant(norm.divisors, tf.float32)
+        loss_total, parts, outputs = 0.0, np.zeros(len(c.plan.graph.output_names)), []
+        with phase("forward"):
+            for m, mb in enumerate(micro):
+                sends, loss, per_output, preds = c.infer(*self._inputs(posted, m, mb), divisors, self._reg_scale(norm, mb))
+                loss_total += float(loss)
+                parts[c.stage.model_outputs] += [float(p) for p in per_output]
+                outputs.append(preds)
+                self._send_activations(pending, sends)
+            self.transport.wait([r for _, r in pending], "sends to neighbouring stages")
+        return loss_total, parts, outputs

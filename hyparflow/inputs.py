@@ -1,0 +1,201 @@
+"""Input adapters: what the user passes as x / y / sample_weight (arrays, lists or dicts by
+name, a batched tf.data.Dataset) as global batches, cut identically on every rank.
+
+Every rank holds the same data; batches are cut from a seeded permutation, so no rank
+ever waits for a step another rank does not run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from hyparflow.errors import ConfigError
+from hyparflow.graph import ModelGraph
+
+
+def _as_list(data, names: list[str], what: str, allow_none: bool = False) -> list[np.ndarray | None]:
+    """Normalise x / y / sample_weight (array, list or dict by name) to one entry per name."""
+    if data is None:
+        if allow_none:
+            return [None] * len(names)
+        raise ConfigError(f"{what} is missing.")
+    if isinstance(data, dict):
+        unknown = set(data) - set(names)
+        if unknown:
+            raise ConfigError(f"{what} has keys {sorted(unknown)} that match none of the model's names {names}.")
+        missing = [n for n in names if n not in data]
+        if missing and not allow_none:
+            raise ConfigError(f"{what} lacks entries for {missing}.")
+        items = [data.get(n) for n in names]
+    elif isinstance(data, (list, tuple)):
+        if len(data) != len(names):
+            raise ConfigError(f"{what} has {len(data)} arrays but the model has {len(names)} ({names}).")
+        items = list(data)
+    else:
+        items = [data] * len(names) if what == "sample_weight" else [data] if len(names) == 1 else None
+        if items is None:
+            raise ConfigError(f"{what} is a single array but the model has {len(names)} of them ({names}); pass a list or a dict.")
+    return [None if a is None else np.asarray(a) for a in items]
+
+
+@dataclass
+class Data:
+    """Arrays aligned to the model's inputs and outputs."""
+
+    x: list[np.ndarray]
+    y: list[np.ndarray | None]
+    sw: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.x[0])
+
+    def take(self, idx: np.ndarray) -> Data:
+        return Data([a[idx] for a in self.x], [None if a is None else a[idx] for a in self.y], [a[idx] for a in self.sw])
+
+
+def _prepare(graph: ModelGraph, x, y, sample_weight, class_weight, with_targets: bool) -> Data:
+    xs = _as_list(x, graph.input_names, "x")
+    ys = _as_list(y, graph.output_names, "y", allow_none=not with_targets) if with_targets or y is not None else [None] * len(graph.output_names)
+    sws = _as_list(sample_weight, graph.output_names, "sample_weight", allow_none=True)
+    n = len(xs[0])
+    if n == 0:
+        raise ConfigError("x is empty: there is nothing to train on.")
+    for name, a, t in zip(graph.input_names, xs, graph.functional.inputs):
+        _check_shape(f"input '{name}'", a, t.shape, n)
+        if not np.issubdtype(a.dtype, np.number) and a.dtype != bool:
+            raise ConfigError(f"input '{name}' has dtype {a.dtype}; hyparflow feeds numeric arrays.")
+    for name, a in zip(graph.output_names, ys):
+        if a is not None and len(a) != n:
+            raise ConfigError(f"y for output '{name}' has {len(a)} samples but x has {n}.")
+    for name, a in zip(graph.output_names, sws):
+        if a is not None and (a.ndim < 1 or len(a) != n):
+            raise ConfigError(f"sample_weight for output '{name}' has shape {a.shape}; expected ({n},).")
+    if class_weight is not None:
+        if len(graph.output_names) != 1:
+            raise ConfigError("class_weight works for single-output models only (as in Keras); use sample_weight per output.")
+        labels = ys[0].reshape(n, -1)
+        labels = labels.argmax(axis=1) if labels.shape[1] > 1 else labels[:, 0].round().astype(int)
+        missing = sorted(set(np.unique(labels).tolist()) - set(class_weight))
+        if missing:
+            raise ConfigError(f"class_weight has no weight for classes {missing}.")
+        cw = np.array([class_weight[int(c)] for c in labels], np.float32)
+        sws = [cw if s is None else s * cw for s in sws]
+    sws = [np.ones(n, np.float32) if s is None else s.astype(np.float32) for s in sws]
+    return Data(xs, ys, sws)
+
+
+def _check_shape(what: str, array: np.ndarray, spec, n: int) -> None:
+    expected = tuple(spec[1:])
+    got = array.shape[1:]
+    if len(array) != n:
+        raise ConfigError(f"{what} has {len(array)} samples, other inputs have {n}.")
+    if len(got) != len(expected) or any(e is not None and e != g for e, g in zip(expected, got)):
+        raise ConfigError(f"{what} has per-sample shape {got} but the model expects {expected}.")
+
+
+class ArraySource:
+    """Global batches from in-memory arrays, cut identically on every rank."""
+
+    def __init__(self, data: Data, batch_size: int, shuffle: bool = False, seed: int = 0, steps_per_epoch: int | None = None):
+        self.data, self.batch_size, self.shuffle = data, batch_size, shuffle
+        self.seed = np.random.SeedSequence(seed)
+        self.cycle = steps_per_epoch is not None  # epochs continue where the last stopped
+        self.steps = steps_per_epoch if self.cycle else -(-len(data) // batch_size)
+        self.first = data
+
+    def _pass(self, p: int) -> np.ndarray:
+        n = len(self.data)
+        return np.random.default_rng([self.seed.entropy, p]).permutation(n) if self.shuffle else np.arange(n)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[Data, np.ndarray]]:
+        n, want = len(self.data), self.steps * self.batch_size
+        if self.cycle:
+            start = epoch * want
+            first, last = start // n, (start + want - 1) // n
+            order = np.concatenate([self._pass(p) for p in range(first, last + 1)])[start - first * n :][:want]
+        else:
+            order = self._pass(epoch)
+        for step in range(self.steps):
+            yield self.data, order[step * self.batch_size : (step + 1) * self.batch_size]
+
+
+class DatasetSource:
+    """Global batches from a batched `tf.data.Dataset`.
+
+    Every rank iterates its own copy of the pipeline, which must yield the same batches
+    on every rank (seed any shuffle); each replica then takes its share of every batch,
+    so every rank runs the same number of steps and every sample counts once.
+    """
+
+    def __init__(self, dataset, graph: ModelGraph, with_targets: bool, steps_per_epoch: int | None = None):
+        self.dataset, self.graph, self.with_targets = dataset, graph, with_targets
+        first = next(iter(dataset.take(1)), None)
+        if first is None:
+            raise ConfigError("The dataset is empty: there is nothing to train on.")
+        self.first = self._convert(first)
+        cardinality = int(dataset.cardinality())
+        self.steps = steps_per_epoch if steps_per_epoch is not None else (cardinality if cardinality >= 0 else None)
+
+    def _convert(self, element) -> Data:
+        import keras
+
+        if isinstance(element, tuple) and self.with_targets:
+            if len(element) not in (2, 3):
+                raise ConfigError(f"dataset elements must be (x, y) or (x, y, sample_weight), got a tuple of {len(element)}.")
+            x, y, *sw = element
+        else:
+            x, y, sw = (element[0] if isinstance(element, tuple) else element), None, []
+        to_np = lambda t: keras.tree.map_structure(lambda a: np.asarray(a), t)  # noqa: E731
+        return _prepare(self.graph, to_np(x), to_np(y), to_np(sw[0]) if sw else None, None, with_targets=self.with_targets)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[Data, np.ndarray]]:
+        for step, element in enumerate(self.dataset):
+            if self.steps is not None and step >= self.steps:
+                break
+            data = self._convert(element)
+            yield data, np.arange(len(data))
+
+
+def source(graph: ModelGraph, x, y, sample_weight, class_weight, batch_size: int, with_targets: bool, shuffle=False, seed=0, steps_per_epoch=None):
+    """An ArraySource or DatasetSource for what the user passed as x."""
+    import tensorflow as tf
+
+    if isinstance(x, tf.data.Dataset):
+        if y is not None or sample_weight is not None or class_weight is not None:
+            raise ConfigError("With a tf.data.Dataset, targets and sample weights come from the dataset: do not pass y, sample_weight or class_weight.")
+        return DatasetSource(x, graph, with_targets, steps_per_epoch)
+    data = _prepare(graph, x, y, sample_weight, class_weight, with_targets)
+    return ArraySource(data, batch_size, shuffle, seed, steps_per_epoch)
+
+
+def validation_sources(graph: ModelGraph, train, validation_data, validation_split: float, batch_size: int, shuffle: bool, seed: int, steps):
+    """(training source, validation source or None) for fit's validation arguments."""
+    import tensorflow as tf
+
+    if not 0.0 <= validation_split < 1.0:
+        raise ConfigError(f"validation_split must be in [0, 1), got {validation_split}.")
+    if validation_split:
+        if not isinstance(train, ArraySource):
+            raise ConfigError("validation_split needs arrays; with a tf.data.Dataset pass validation_data.")
+        data = train.data
+        cut = int(len(data) * (1.0 - validation_split))
+        if cut == 0 or cut == len(data):
+            raise ConfigError(f"validation_split={validation_split} leaves no training or no validation samples out of {len(data)}.")
+        train = ArraySource(data.take(np.arange(cut)), batch_size, shuffle, seed, steps)
+        return train, ArraySource(data.take(np.arange(cut, len(data))), batch_size)
+    if validation_data is None:
+        return train, None
+    if isinstance(validation_data, tf.data.Dataset):
+        return train, DatasetSource(validation_data, graph, True)
+    if isinstance(validation_data, (tuple, list)) and len(validation_data) in (2, 3):
+        vx, vy, *vsw = validation_data
+        return train, source(graph, vx, vy, vsw[0] if vsw else None, None, batch_size, True)
+    raise ConfigError("validation_data must be (x, y), (x, y, sample_weight) or a tf.data.Dataset.")
+
+
+def shapes(data: Data) -> list:
+    """Per-array shapes and dtypes of the data (compared across ranks)."""
+    return [None if a is None else (a.shape, str(a.dtype)) for a in data.x + data.y]

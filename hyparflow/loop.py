@@ -1,0 +1,95 @@
+"""The training loop's pieces that every rank runs together: one pass over the global
+batches, logs reduced over the world, one stop decision for all ranks, and the
+non-trainable state (BatchNorm statistics) averaged across replicas."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from hyparflow.failures import phase
+from hyparflow.inputs import Data
+from hyparflow.session import Session
+
+OnBatch = Callable[[int, "dict[str, float] | None"], None]
+
+
+def reduce_logs(session: Session, loss_sum: float, parts_sum: np.ndarray, seen: int, prefix: str = "") -> dict[str, float]:
+    """Loss and metric states summed over the world (one allreduce); equal on every rank."""
+    obj = session.objective
+    assert obj is not None
+    local = np.concatenate([[loss_sum], parts_sum, obj.metric_state(session.stage.model_outputs)])
+    total = world_sum(session, local, "log aggregation")
+    logs = {f"{prefix}loss": total[0] / max(seen, 1)}
+    nout = len(parts_sum)
+    if nout > 1:
+        for name, v in zip(obj.names, total[1 : 1 + nout]):
+            logs[f"{prefix}{name}_loss"] = v / max(seen, 1)
+    for k, v in obj.metric_results(total[1 + nout :]).items():
+        logs[prefix + k] = v
+    return {k: float(v) for k, v in logs.items()}
+
+
+def world_sum(session: Session, local: np.ndarray, what: str, op: str = "sum") -> np.ndarray:
+    """A small float64 vector reduced over the world."""
+    total = np.empty_like(local)
+    with phase(f"allreduce ({what})"):
+        session.transport.allreduce(local, total, what, op=op)
+    return total
+
+
+def agree_to_stop(session: Session) -> bool:
+    """Whether any rank's callbacks asked to stop (model.stop_training): one decision for all."""
+    model = session.model
+    stop = world_sum(session, np.array([float(bool(model.stop_training))]), "stop decision")[0] > 0
+    model.stop_training = bool(stop)
+    return bool(stop)
+
+
+def run_epoch(session: Session, batches: Iterable[tuple[Data, np.ndarray]], train: bool, on_batch: OnBatch | None = None,
+              prefix: str = "") -> dict[str, float]:
+    """One pass over `batches` (global batches); returns the reduced logs. With `on_batch`,
+    logs are reduced after every step and the ranks agree on stopping."""
+    executor, obj = session.executor, session.objective
+    assert executor is not None and obj is not None
+    obj.reset_metrics()
+    loss_sum, parts_sum, seen = 0.0, np.zeros(len(session.plan.graph.output_names)), 0
+    logs: dict[str, float] = {}
+    for step, (data, idx) in enumerate(batches):
+        if on_batch is not None:
+            on_batch(step, None)
+        micro, norm = session.micro_batches(data, idx)
+        if train:
+            loss, parts = executor.train_step(micro, norm)
+        else:
+            loss, parts, _ = executor.infer(micro, norm)
+        loss_sum += loss * len(idx)
+        parts_sum += parts * len(idx)
+        seen += len(idx)
+        if on_batch is not None:
+            logs = reduce_logs(session, loss_sum, parts_sum, seen, prefix)
+            on_batch(step, logs)
+            if agree_to_stop(session):
+                break
+    if on_batch is None or not logs:
+        logs = reduce_logs(session, loss_sum, parts_sum, seen, prefix)
+    return logs
+
+
+def sync_replica_state(session: Session) -> None:
+    """Average non-trainable float state (BatchNorm statistics) across replicas."""
+    trainable = {id(v) for v in session.stage.trainable_variables}
+    state_vars = [v for v in session.stage.variables if id(v) not in trainable and "float" in str(v.dtype)]
+    if session.R == 1 or not state_vars:
+        return
+    flat = np.concatenate([np.asarray(v.numpy(), np.float64).reshape(-1) for v in state_vars])
+    out = np.empty_like(flat)
+    with phase("allreduce (replica state)"):
+        session.transport.allreduce(flat, out, "replica state averaging", group="data")
+    out /= session.R
+    i = 0
+    for v in state_vars:
+        n = int(np.prod(v.shape))
+        v.assign(out[i : i + n].reshape(v.shape).astype(str(v.dtype)))
+        i += n

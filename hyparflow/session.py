@@ -1,0 +1,117 @@
+"""A session: one model planned and placed on the job's ranks, ready to run steps.
+
+Opening one waits (boundedly) until every rank arrived, checks that every rank has the
+same model, plans it on rank 0 (a "time" balance measures, which differs between ranks)
+for all to follow, places replicas x stages on the ranks, and forms the grid's groups.
+`close()` frees them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from hyparflow import placement
+from hyparflow.errors import ConfigError
+from hyparflow.executor import Executor
+from hyparflow.failures import phase, state
+from hyparflow.graph import ModelGraph
+from hyparflow.inputs import Data
+from hyparflow.objective import Objective
+from hyparflow.partition import Plan
+from hyparflow.partition import plan as make_plan
+from hyparflow.settings import Layout
+from hyparflow.stage import MicroBatch, StageCompute, StepNorm
+from hyparflow.transport import Transport
+
+log = logging.getLogger("hyparflow")
+
+
+class Session:
+    def __init__(self, model, layout: Layout, balance, memory_limit, transport: Transport, announce: bool = False):
+        self.model, self.layout, self.transport = model, layout, transport
+        self.P, self.R, self.M = layout.num_partitions, layout.num_replicas, layout.num_microbatches
+        state.where = ""
+        with phase("start-up"):
+            transport.rendezvous("the start of a hyparflow call")
+        with phase("plan"):
+            graph = ModelGraph(model)
+            self.check_same_everywhere(
+                "model", graph.fingerprint, "every rank must build the same model (same layers, connections and weight shapes)."
+            )
+            starts = None
+            if transport.rank == 0:
+                try:
+                    starts = make_plan(model, self.P, balance, memory_limit).starts
+                except ConfigError as e:
+                    starts = e
+            starts = transport.bcast(starts, root=0)
+            if isinstance(starts, ConfigError):
+                raise ConfigError(str(starts))
+            self.plan = Plan(graph, starts, balance if isinstance(balance, str) else "explicit")
+            self.check_same_everywhere("plan", self.plan.fingerprint)
+        with phase("placement"):
+            slots = placement.discover(transport)
+            assignment = placement.assign(slots, self.P, self.R, layout.placement)
+            self.grid = transport.form_grid(assignment, self.P, self.R)
+            state.where = self.grid.where()
+            if announce and transport.rank == 0:
+                rank_map = placement.describe(slots, assignment)
+                log.info("rank map (P=%d x R=%d, M=%d, %s):\n%s", self.P, self.R, self.M, layout.schedule, rank_map)
+        self.stage = self.plan.stages[self.grid.stage]
+        self.executor: Executor | None = None
+        self.objective: Objective | None = None
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def check_same_everywhere(self, what: str, value: str, hint: str = "") -> None:
+        """Raise the same ConfigError on every rank unless all ranks pass the same value."""
+        values = self.transport.allgather(value)
+        if len(set(values)) > 1:
+            odd = [r for r, v in enumerate(values) if v != values[0]]
+            hint = hint or "every rank must call hyparflow with the same model, data and settings."
+            raise ConfigError(f"The {what} differs between ranks (ranks {odd} differ from rank 0): {hint}")
+
+    def start(self, data: Data, need_loss: bool = True) -> Executor:
+        """Resolve the compiled loss and metrics against a sample batch; build the stage."""
+        if self.executor is None:
+            graph = self.plan.graph
+            specs = [graph.tensors[t].ref for t in graph.output_tensors]
+            y_sample = [None if y is None else y[:2] for y in data.y]
+            self.objective = Objective(self.model, graph.output_names, y_sample, specs, need_loss)
+            optimizer = getattr(self.model, "optimizer", None)  # none: predict on an uncompiled model
+            compute = StageCompute(self.plan, self.grid.stage, self.objective, optimizer)
+            self.executor = Executor(compute, self.transport, self.layout.schedule)
+        return self.executor
+
+    # ---- batches -------------------------------------------------------------------
+    def split(self, idx: np.ndarray) -> list[np.ndarray]:
+        """This rank's micro-batches of a global batch: its replica's share, cut in up to M."""
+        return self._cut(np.array_split(idx, self.R)[self.grid.replica])
+
+    def _cut(self, share: np.ndarray) -> list[np.ndarray]:
+        return np.array_split(share, min(self.M, len(share))) if len(share) else []
+
+    def micro_batches(self, data: Data, idx: np.ndarray) -> tuple[list[MicroBatch], StepNorm]:
+        """This rank's micro-batches of global batch `idx`, and the step's normalisers."""
+        assert self.objective is not None, "start() the session first"
+        shares = np.array_split(idx, self.R)
+        st = self.stage
+        micro = [
+            MicroBatch(
+                size=len(p),
+                inputs=[data.x[i][p] for i in st.data_inputs],
+                targets=[np.zeros(len(p), np.float32) if data.y[o] is None else data.y[o][p] for o in st.model_outputs],
+                weights=[data.sw[o][p] for o in st.model_outputs],
+            )
+            for p in self._cut(shares[self.grid.replica])
+        ]
+        kinds = self.objective.divisor_kinds
+        divisors = np.array(
+            [len(idx) if k == "count" else float(data.sw[o][idx].sum()) if k == "weights" else 1.0 for o, k in enumerate(kinds)],
+            np.float32,
+        )
+        total_micro = sum(min(self.M, len(s)) for s in shares)
+        return micro, StepNorm(divisors, 1.0 / max(total_micro, 1), len(idx))

@@ -1,0 +1,151 @@
+"""One pipeline stage's compute: forward and backward of one micro-batch, gradient
+accumulation and the optimizer step, as compiled TensorFlow functions.
+
+A stage declares what it receives (`recv`, from `src[t]`) and sends (`send_ids`, to
+`dests[t]`); it never communicates itself: the executor feeds it and ships its results.
+A stage that sends no float tensor needs no gradient from later stages, so its forward
+and backward run fused in one function; others keep the forward's tape until the
+backward's output gradients arrive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from hyparflow.keras_compat import optimizer_variables_for
+from hyparflow.objective import Objective
+from hyparflow.partition import Plan
+
+
+@dataclass
+class MicroBatch:
+    """What one stage reads from the data for one micro-batch (NumPy arrays)."""
+
+    size: int
+    inputs: list[np.ndarray]  # the stage's model inputs, in stage.data_inputs order
+    targets: list[np.ndarray]  # for the stage's model outputs, in stage.model_outputs order
+    weights: list[np.ndarray]  # sample weights, likewise
+
+
+@dataclass
+class StepNorm:
+    """Normalisers that make micro-batch losses add up to the global-batch loss."""
+
+    divisors: np.ndarray  # per model output: global sample count, or sum of sample weights
+    reg_scale: float  # 1 / micro-batches run by all replicas of a stage (weight regularizers count once)
+    count: int  # samples in the global batch: call-time losses (activity regularizers) are per-sample means
+
+
+def _optimizer_for(optimizer, model, variables):
+    """The model's optimizer if it is unbuilt or built for exactly `variables`; else (it was
+    built for another layout by an earlier fit) a fresh one carrying its state over."""
+    from hyparflow.checkpoint import optimizer_state, restore_optimizer_state
+
+    if not getattr(optimizer, "built", False):
+        return optimizer
+    if {id(v) for v in optimizer_variables_for(optimizer)} == {id(v) for v in variables}:
+        return optimizer
+    fresh = optimizer.__class__.from_config(optimizer.get_config())
+    restore_optimizer_state(fresh, model, variables, optimizer_state(optimizer, model))
+    model.optimizer = fresh
+    return fresh
+
+
+class StageCompute:
+    """The compiled pieces of stage `index` of `plan` (see the module docstring)."""
+
+    def __init__(self, plan: Plan, index: int, objective: Objective, optimizer):
+        self.plan, self.objective = plan, objective
+        self.stage = st = plan.stages[index]
+        tensors = plan.graph.tensors
+        self.src = {t: plan.stage_of_call[tensors[t].producer] for t in st.recv}
+        self.send_ids = list(dict.fromkeys(t for t, _ in st.send))
+        self.dests = {t: [d for u, d in st.send if u == t] for t in self.send_ids}
+        self.recv_float = [t for t in st.recv if tensors[t].is_float]
+        self.send_float = [t for t in self.send_ids if tensors[t].is_float]
+        self.variables = st.trainable_variables
+        self.optimizer = _optimizer_for(optimizer, plan.graph.model, self.variables)
+        self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        self.fused = not self.send_float
+        self.acc = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in self.variables]
+        self._build()
+
+    def _run(self, recv_vals, data_vals, ys, sws, divisors, reg_scale, training: bool):
+        st, obj = self.stage, self.objective
+        feeds = dict(zip(st.recv, recv_vals))
+        feeds.update(zip(st.data_inputs, data_vals))  # model input position i is tensor index i
+        out = st.forward(feeds, training=training)
+        preds = [out[t] for t in st.output_tensors]
+        loss, per_output = obj.stage_loss(st.model_outputs, ys, preds, sws, divisors)
+        # reg_scale[0]: weight regularizers, once per step; reg_scale[1]: this micro-batch's
+        # share of the global batch, for per-sample-mean losses added in call()
+        reg = obj.regularization(st.weight_losses) * reg_scale[0] + obj.regularization(st.call_losses) * reg_scale[1]
+        obj.update_metrics(st.model_outputs, ys, preds, sws)
+        return [out[t] for t in self.send_ids], loss + reg, per_output, preds
+
+    def _train_forward(self, *args):
+        """Also returns the loss to differentiate, scaled as the optimizer asks
+        (LossScaleOptimizer under mixed_float16), so every stage's gradients scale alike."""
+        sends, loss, per_output, _ = self._run(*args, training=True)
+        scaled = self.optimizer.scale_loss(loss) if hasattr(self.optimizer, "scale_loss") else loss
+        return sends, loss, scaled, per_output
+
+    def _fused(self, recv_vals, *rest):
+        float_in = [v for t, v in zip(self.stage.recv, recv_vals) if t in self.recv_float]
+        with tf.GradientTape() as tape:
+            tape.watch(float_in)
+            sends, loss, scaled, per_output = self._train_forward(recv_vals, *rest)
+        grads = tape.gradient(scaled, self.variables + float_in, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        self._accumulate_now(grads[: len(self.variables)])
+        return sends, grads[len(self.variables) :], loss, per_output
+
+    def _accumulate_now(self, grads) -> None:
+        for a, g in zip(self.acc, grads):
+            a.assign_add(tf.cast(tf.convert_to_tensor(g), a.dtype))
+
+    def _apply_now(self, grads) -> None:
+        self.optimizer.apply([tf.cast(g, v.dtype) for g, v in zip(grads, self.variables)], self.variables)
+        for a in self.acc:
+            a.assign(tf.zeros_like(a))
+
+    def _apply_flat(self, flat) -> None:
+        sizes = [int(np.prod(v.shape)) for v in self.variables]
+        parts = tf.split(flat, sizes) if sizes else []
+        self._apply_now([tf.reshape(p, v.shape) for p, v in zip(parts, self.variables)])
+
+    def _build(self) -> None:
+        self.train_forward = tf.function(self._train_forward)
+        self.forward_backward = tf.function(self._fused)
+        self.accumulate = tf.function(self._accumulate_now)
+        self.flat_grads = tf.function(lambda: tf.concat([tf.reshape(tf.cast(a, tf.float32), [-1]) for a in self.acc], 0))
+        self.apply_flat = tf.function(self._apply_flat)
+        # Without replicas there is nothing to reduce: apply the accumulators in place.
+        self.apply_accumulated = tf.function(lambda: self._apply_now([a.value() for a in self.acc]))
+        self.infer = tf.function(lambda *args: self._run(*args, training=False))
+
+    def forward(self, args, divisors, reg_scale):
+        """Training forward under a tape kept for `backward`: (sends, loss, per-output, stash)."""
+        tape = tf.GradientTape()
+        with tape:
+            float_in = [v for t, v in zip(self.stage.recv, args[0]) if t in self.recv_float]
+            tape.watch(float_in)
+            sends, loss, scaled, per_output = self.train_forward(*args, divisors, reg_scale)
+        float_out = [s for t, s in zip(self.send_ids, sends) if t in self.send_float]
+        return sends, loss, per_output, (tape, float_in, scaled, float_out)
+
+    def backward(self, stash, out_grads) -> list[Any]:
+        """Accumulate the variables' gradients; returns the float inputs' gradients."""
+        tape, float_in, loss, float_out = stash
+        grads = tape.gradient(
+            [loss] + float_out,
+            self.variables + float_in,
+            output_gradients=[tf.ones_like(loss)] + out_grads,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+        self.accumulate(grads[: len(self.variables)])
+        return grads[len(self.variables) :]
