@@ -1,0 +1,76 @@
+"""Equivalence cases shared by the MPI run (tests/mpi/equivalence.py, 4 real ranks) and the
+in-process loopback run (tests/test_loopback.py): hyparflow training vs single-process Keras
+on the same global batches, for the zoo under several grids, schedules and optimizers."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import zoo
+
+import hyparflow as hf
+
+# name -> (model, P, M, schedule, optimizer, samples, batch, sample weights, epochs); R = 4 / P
+CASES: dict[str, tuple] = {
+    "mlp P4 M1 1f1b sgd": ("mlp", 4, 1, "1f1b", "sgd", 48, 16, False, 1),
+    "mlp P2 R2 M2 gpipe adam": ("mlp", 2, 2, "gpipe", "adam", 48, 16, False, 1),
+    "mlp P1 R4 adam": ("mlp", 1, 1, "1f1b", "adam", 48, 16, False, 1),
+    "mlp P4 M4 1f1b adam": ("mlp", 4, 4, "1f1b", "adam", 48, 16, False, 1),
+    "resnet_bn P4 M1 sgd": ("resnet_bn", 4, 1, "1f1b", "sgd", 48, 16, False, 1),
+    "resnet_bn P4 M1 gpipe adam": ("resnet_bn", 4, 1, "gpipe", "adam", 48, 16, False, 1),
+    "densenet P2 R2 M2 adam": ("densenet", 2, 2, "1f1b", "adam", 48, 16, False, 1),
+    "multi_io P4 M4 sample weights adam": ("multi_io", 4, 4, "1f1b", "adam", 48, 16, True, 1),
+    "multi_io P2 R2 M2 gpipe": ("multi_io", 2, 2, "gpipe", "sgd", 48, 16, True, 1),
+    "multi_io P1 R4 M2 sgd": ("multi_io", 1, 2, "1f1b", "sgd", 48, 16, True, 1),
+    "shared P2 R2 M2 adam": ("shared", 2, 2, "1f1b", "adam", 48, 16, False, 1),
+    "nested P4 M2": ("nested", 4, 2, "1f1b", "sgd", 48, 16, False, 1),
+    "sequential P2 R2 M2 adam": ("sequential", 2, 2, "1f1b", "adam", 48, 16, False, 1),
+    "int_boundary P4 M2": ("int_boundary", 4, 2, "1f1b", "sgd", 48, 16, False, 1),
+    # 50 samples, batch 18: 18 and 14 do not divide by 2 replicas x 4 micro-batches
+    "uneven P2 R2 M4 adam": ("mlp", 2, 4, "1f1b", "adam", 50, 18, False, 1),
+    "history P2 R2 M2 two epochs": ("mlp", 2, 2, "1f1b", "adam", 48, 16, False, 2),
+}
+
+
+def compiled(name: str, optimizer: str):
+    model = zoo.ZOO[name]()
+    n_out = len(model.outputs)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(
+        optimizer=keras.optimizers.get(optimizer) if optimizer != "sgd" else keras.optimizers.SGD(0.1),
+        loss=[loss] * n_out if n_out > 1 else loss,
+        loss_weights=[1.0, 0.5] if n_out > 1 else None,
+        metrics=[["accuracy"]] * n_out if n_out > 1 else ["accuracy"],
+    )
+    return model
+
+
+def data(key: str):
+    name, _, _, _, optimizer, n, batch, weights, epochs = CASES[key]
+    model = zoo.ZOO[name]()
+    xs, ys = zoo.sample_inputs(model, n), zoo.sample_targets(model, n)
+    sw = np.random.default_rng(5).uniform(0.2, 2.0, n).astype("float32") if weights else None
+    return (xs if len(xs) > 1 else xs[0]), (ys if len(ys) > 1 else ys[0]), sw
+
+
+def fit(model, key: str, comm=None):
+    """hf.fit of `model` as case `key` prescribes."""
+    _, P, M, schedule, _, _, batch, _, epochs = CASES[key]
+    x, y, sw = data(key)
+    return hf.fit(model, x, y, batch_size=batch, epochs=epochs, num_partitions=P, num_microbatches=M, schedule=schedule,
+                  shuffle=False, verbose=0, sample_weight=sw, balance="flops", comm=comm)
+
+
+def compare(key: str, model, history) -> dict:
+    """Train the plain-Keras reference of case `key`; how far `model` and `history` are from it."""
+    name, _, _, _, optimizer, _, batch, _, epochs = CASES[key]
+    x, y, sw = data(key)
+    ref = compiled(name, optimizer)
+    href = ref.fit(x, y, batch_size=batch, epochs=epochs, shuffle=False, verbose=0, sample_weight=sw)
+    initial = compiled(name, optimizer).get_weights()
+    return {
+        "err": max(float(np.abs(a - b).max() / (np.abs(b).max() + 1e-6)) for a, b in zip(model.get_weights(), ref.get_weights())),
+        "moved": max(float(np.abs(a - b).max()) for a, b in zip(model.get_weights(), initial)),
+        "history": history.history,
+        "ref_history": href.history,
+    }
