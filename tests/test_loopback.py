@@ -7,6 +7,7 @@ import cases
 import numpy as np
 import pytest
 
+import hyparflow as hf
 from hyparflow import loopback
 
 
@@ -56,3 +57,89 @@ def test_a_failing_rank_fails_the_world_instead_of_hanging():
 
     with pytest.raises(RuntimeError, match="loopback rank 1 failed: ValueError: boom on rank 1"):
         loopback.run(3, body)
+
+
+# ---- fit's keywords on a grid, against Keras ---------------------------------------------
+X = np.random.default_rng(0).standard_normal((48, 12)).astype("float32")
+Y = np.random.default_rng(1).integers(0, 3, 48)
+
+
+def grid_fit(build, ranks: int, **kw):
+    """hf.fit of `ranks` copies of `build()` on a loopback world; returns models, histories."""
+    models = [build() for _ in range(ranks)]
+    kw = {"batch_size": 16, "shuffle": False, "verbose": 0, "balance": "flops"} | kw
+    histories = loopback.run(ranks, lambda comm: hf.fit(models[comm.Get_rank()], X, Y, comm=comm, **kw))
+    return models, histories
+
+
+def mlp():
+    return cases.compiled("mlp", "sgd")
+
+
+def max_rel(a, b) -> float:
+    return max(float(np.abs(u - v).max() / (np.abs(v).max() + 1e-6)) for u, v in zip(a, b))
+
+
+@pytest.mark.parametrize("policy", ["pipeline", "replica"])
+def test_gather_all_gives_every_rank_the_trained_weights(policy):
+    models, _ = grid_fit(mlp, 4, num_partitions=2, num_microbatches=2, gather="all", placement_policy=policy)
+    ref = mlp()
+    ref.fit(X, Y, batch_size=16, shuffle=False, verbose=0)
+    for r, m in enumerate(models):
+        assert max_rel(m.get_weights(), ref.get_weights()) < 1e-5, f"rank {r} ({policy} placement)"
+
+
+def test_validation_split_history_equals_keras():
+    models, histories = grid_fit(mlp, 4, num_partitions=2, epochs=2, validation_split=0.25)
+    ref = mlp()
+    href = ref.fit(X, Y, batch_size=16, epochs=2, shuffle=False, verbose=0, validation_split=0.25)
+    assert sorted(histories[0].history) == sorted(href.history) == ["accuracy", "loss", "val_accuracy", "val_loss"]
+    for key, values in href.history.items():
+        assert histories[0].history[key] == pytest.approx(values, rel=1e-5, abs=1e-6), key
+    assert max_rel(models[0].get_weights(), ref.get_weights()) < 1e-5
+
+
+def test_class_weight_equals_keras():
+    weights = {0: 1.0, 1: 2.5, 2: 0.5}
+    models, histories = grid_fit(mlp, 4, num_partitions=2, num_microbatches=2, class_weight=weights)
+    ref = mlp()
+    href = ref.fit(X, Y, batch_size=16, shuffle=False, verbose=0, class_weight=weights)
+    assert max_rel(models[0].get_weights(), ref.get_weights()) < 1e-5
+    assert histories[0].history["loss"] == pytest.approx(href.history["loss"], rel=1e-5)
+
+
+def test_steps_per_epoch_continues_through_the_data():
+    """2 epochs of 2 steps over 3 batches of data: the 4th step wraps to the first batch."""
+    models, histories = grid_fit(mlp, 2, num_partitions=2, epochs=2, steps_per_epoch=2)
+    ref = mlp()
+    ref.fit(np.concatenate([X, X[:16]]), np.concatenate([Y, Y[:16]]), batch_size=16, shuffle=False, verbose=0)
+    assert len(histories[0].history["loss"]) == 2
+    assert max_rel(models[0].get_weights(), ref.get_weights()) < 1e-5
+
+
+def test_batchnorm_statistics_are_averaged_across_replicas():
+    """With a zero learning rate the weights stay put, so each replica's moving statistics
+    are those plain Keras computes on that replica's halves of the batches; hyparflow
+    must end with their mean on every replica."""
+
+    def bn_model():
+        import keras
+
+        keras.utils.set_random_seed(3)
+        inp = keras.Input((12,))
+        out = keras.layers.Dense(3)(keras.layers.BatchNormalization(momentum=0.5)(keras.layers.Dense(6)(inp)))
+        model = keras.Model(inp, out)
+        model.compile(optimizer=keras.optimizers.SGD(0.0), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    models, _ = grid_fit(bn_model, 2, num_partitions=1, gather="all")
+    per_replica = []
+    for r in range(2):
+        rows = np.concatenate([np.array_split(np.arange(b, b + 16), 2)[r] for b in range(0, 48, 16)])
+        ref = bn_model()
+        ref.fit(X[rows], Y[rows], batch_size=8, shuffle=False, verbose=0)
+        per_replica.append(ref.layers[2].moving_mean.numpy())
+    expected = np.mean(per_replica, axis=0)
+    assert not np.allclose(per_replica[0], per_replica[1]), "the replicas saw different data"
+    for m in models:
+        np.testing.assert_allclose(m.layers[2].moving_mean.numpy(), expected, rtol=1e-5, atol=1e-6)
