@@ -151,7 +151,13 @@ for policy in ("mixed_float16", "mixed_bfloat16"):
     if rank == 0:
         ref = mlp()
         href = ref.fit(X, Y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        # The policy's noise floor: Keras against itself with each batch's rows reordered
+        # (the same maths, another summation order).
+        order = np.concatenate([np.random.default_rng(b).permutation(np.arange(b, min(b + 16, len(X)))) for b in range(0, len(X), 16)])
+        twin = mlp()
+        twin.fit(X[order], Y[order], batch_size=16, epochs=2, shuffle=False, verbose=0)
         out["mixed"][policy] = {
+            "floor": weights_err([w.astype("float32") for w in twin.get_weights()], [w.astype("float32") for w in ref.get_weights()]),
             "err": weights_err([w.astype("float32") for w in mp.get_weights()], [w.astype("float32") for w in ref.get_weights()]),
             "loss": hmp.history["loss"],
             "ref_loss": href.history["loss"],
