@@ -26,7 +26,7 @@ setup(
         "mpich": ["mpich"],
         # scikit-learn's bundled digits: the offline dataset of the README's main job.
         "examples": ["scikit-learn"],
-        "test": ["pytest>=7", "pytest-timeout", "scikit-learn", "nbclient", "nbformat", "ipykernel", "matplotlib", "ruff", "psutil"],
+        "test": ["pytest>=7", "pytest-timeout", "scikit-learn", "nbclient", "nbformat", "ipykernel", "matplotlib", "ruff", "psutil", "mypy", "pandas", "keras-hub"],
         "bench": ["matplotlib", "psutil"],
         # Optional allreduce backend; builds only where Horovod supports the installed TensorFlow.
         "horovod": ["horovod"],

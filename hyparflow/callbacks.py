@@ -20,29 +20,33 @@ from hyparflow.loop import OnBatch, world_sum
 from hyparflow.session import Session
 
 RANK0_CALLBACKS = (keras.callbacks.ModelCheckpoint, keras.callbacks.CSVLogger, keras.callbacks.TensorBoard, keras.callbacks.ProgbarLogger)
-_BATCH_HOOKS = ("on_train_batch_begin", "on_train_batch_end", "on_batch_begin", "on_batch_end")
+MODES = ("train", "test", "predict")
 
 
-def has_batch_hooks(callback) -> bool:
-    """Whether a Keras callback overrides a training-batch hook (Keras marks its defaults)."""
-    return any(not is_default(getattr(callback, h)) for h in _BATCH_HOOKS)
+def has_batch_hooks(callback, mode: str = "train") -> bool:
+    """Whether a Keras callback overrides a batch hook of `mode` (Keras marks its defaults)."""
+    hooks = [f"on_{mode}_batch_begin", f"on_{mode}_batch_end"] + (["on_batch_begin", "on_batch_end"] if mode == "train" else [])
+    return any(not is_default(getattr(callback, h)) for h in hooks)
 
 
 class Callbacks:
-    """The rank's callback list for one `fit`, and what all ranks agreed on."""
+    """The rank's callback list for one call (`mode`: train, test or predict), and what
+    all ranks agreed on."""
 
-    def __init__(self, session: Session, callbacks: Sequence[Any] | None, verbose: int, epochs: int, steps: int | None):
+    def __init__(self, session: Session, callbacks: Sequence[Any] | None, verbose: int, mode: str, epochs: int,
+                 steps: int | None):
         rank = session.transport.rank
         mine = [cb for cb in (callbacks or []) if rank == 0 or not isinstance(cb, RANK0_CALLBACKS)]
         self.list = keras.callbacks.CallbackList(
-            mine, add_history=True, add_progbar=bool(verbose) and rank == 0, model=session.model,
+            mine, add_history=mode == "train", add_progbar=verbose != 0, model=session.model,
             verbose=verbose, epochs=epochs, steps=steps, hyparflow=self._params(session),
         )
-        self.history = next(cb for cb in self.list.callbacks if isinstance(cb, keras.callbacks.History))
-        local = np.array([any(isinstance(cb, keras.callbacks.ModelCheckpoint) for cb in mine),
-                          any(map(has_batch_hooks, self.list.callbacks))], float)
-        agreed = world_sum(session, local, "callback agreement", op="max")
-        self.weights_on_rank0, self.batch_hooks = (bool(f) for f in agreed)
+        self.history = next((cb for cb in self.list.callbacks if isinstance(cb, keras.callbacks.History)), None)
+        local = [any(isinstance(cb, keras.callbacks.ModelCheckpoint) for cb in mine)]
+        local += [any(has_batch_hooks(cb, m) for cb in self.list.callbacks) for m in MODES]
+        agreed = world_sum(session, np.array(local, float), "callback agreement", op="max") if mode != "predict" else local
+        self.weights_on_rank0 = bool(agreed[0])
+        self.batch_hooks = {m: bool(f) for m, f in zip(MODES, agreed[1:])}
 
     @staticmethod
     def _params(session: Session) -> dict[str, Any]:
@@ -56,17 +60,18 @@ class Callbacks:
         with phase(f"callback {hook}{label}"):
             getattr(self.list, hook)(*args)
 
-    def on_batch(self, epoch: int) -> OnBatch | None:
-        """The per-step hook for `loop.run_epoch`, or None when no callback reads batches."""
-        if not self.batch_hooks:
+    def on_batch(self, mode: str, epoch: int) -> OnBatch | None:
+        """The per-step hook for `loop.run_epoch`, or None when no rank's callback reads
+        `mode`'s batches (then no per-step log reduction happens)."""
+        if not self.batch_hooks[mode]:
             return None
 
         def hook(step: int, logs: dict[str, float] | None) -> None:
             """logs=None before the step, the reduced logs after it."""
             where = f" (epoch {epoch}, step {step})"
             if logs is None:
-                self.call("on_train_batch_begin", step, label=where)
+                self.call(f"on_{mode}_batch_begin", step, label=where)
             else:
-                self.call("on_train_batch_end", step, logs, label=where)
+                self.call(f"on_{mode}_batch_end", step, logs, label=where)
 
         return hook

@@ -154,18 +154,23 @@ class Executor:
             self._send(step.pending, g, c.src[t], self.tag[t] + 1)
 
     # ---- forward only -------------------------------------------------------------------
-    def infer(self, micro: list[MicroBatch], norm: StepNorm) -> tuple[float, np.ndarray, list[list[Any]]]:
-        """Forward passes for evaluate/predict: (loss share, per-output shares, outputs per micro-batch)."""
+    def infer(self, micro: list[MicroBatch], norm: StepNorm | None) -> tuple[float, np.ndarray, list[list[Any]]]:
+        """Forward passes for evaluate (with `norm`: loss and metrics) or predict (without):
+        (loss share, per-output shares, this stage's model outputs per micro-batch)."""
         c = self.compute
         posted = self._post_recvs([mb.size for mb in micro], c.stage.recv, lambda t: [c.src[t]], 0)
         pending: list = []
-        divisors = tf.constant(norm.divisors, tf.float32)
         loss_total, parts, outputs = 0.0, np.zeros(len(c.plan.graph.output_names)), []
         with phase("forward"):
             for m, mb in enumerate(micro):
-                sends, loss, per_output, preds = c.infer(*self._inputs(posted, m, mb), divisors, self._reg_scale(norm, mb))
-                loss_total += float(loss)
-                parts[c.stage.model_outputs] += [float(p) for p in per_output]
+                recv_vals, data_vals, ys, sws = self._inputs(posted, m, mb)
+                if norm is None:
+                    sends, preds = c.predict(recv_vals, data_vals)
+                else:
+                    divisors = tf.constant(norm.divisors, tf.float32)
+                    sends, loss, per_output, preds = c.infer(recv_vals, data_vals, ys, sws, divisors, self._reg_scale(norm, mb))
+                    loss_total += float(loss)
+                    parts[c.stage.model_outputs] += [float(p) for p in per_output]
                 outputs.append(preds)
                 self._send_activations(pending, sends)
             self.transport.wait([r for _, r in pending], "sends to neighbouring stages")

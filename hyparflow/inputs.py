@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hyparflow import keras_compat
 from hyparflow.errors import ConfigError
 from hyparflow.graph import ModelGraph
 
@@ -122,78 +123,89 @@ class ArraySource:
             yield self.data, order[step * self.batch_size : (step + 1) * self.batch_size]
 
 
-class DatasetSource:
-    """Global batches from a batched `tf.data.Dataset`.
+class StreamSource:
+    """Global batches from a stream Keras adapts: a batched `tf.data.Dataset`, a
+    `keras.utils.PyDataset`, or a Python generator of batches.
 
-    Every rank iterates its own copy of the pipeline, which must yield the same batches
-    on every rank (seed any shuffle); each replica then takes its share of every batch,
-    so every rank runs the same number of steps and every sample counts once.
+    Every rank iterates its own copy of the stream, which must yield the same batches on
+    every rank (seed any shuffle); each replica then takes its share of every batch, so
+    every rank runs the same number of steps and every sample counts once. With
+    `steps_per_epoch`, epochs continue through the stream, as in Keras.
     """
 
-    def __init__(self, dataset, graph: ModelGraph, with_targets: bool, steps_per_epoch: int | None = None):
-        self.dataset, self.graph, self.with_targets = dataset, graph, with_targets
-        first = next(iter(dataset.take(1)), None)
-        if first is None:
-            raise ConfigError("The dataset is empty: there is nothing to train on.")
-        self.first = self._convert(first)
-        cardinality = int(dataset.cardinality())
-        self.steps = steps_per_epoch if steps_per_epoch is not None else (cardinality if cardinality >= 0 else None)
+    def __init__(self, x, graph: ModelGraph, with_targets: bool, steps_per_epoch: int | None = None, class_weight=None):
+        self.graph, self.with_targets, self.class_weight = graph, with_targets, class_weight
+        self.adapter = keras_compat.data_adapter(x, steps_per_epoch, class_weight)
+        self._iterator = iter(self.adapter.get_numpy_iterator())
+        element = next(self._iterator, None)
+        if element is None:
+            raise ConfigError("The data stream is empty: there is nothing to train on.")
+        self._pending = [element]  # the peeked batch is the stream's first
+        self.first = self._convert(element)
+        self.steps = steps_per_epoch if steps_per_epoch is not None else self.adapter.num_batches
+        self.continuing = steps_per_epoch is not None
 
     def _convert(self, element) -> Data:
-        import keras
+        x, y, sw = keras_compat.unpack_x_y_sample_weight(element)
+        if self.with_targets and y is None:
+            raise ConfigError("The data stream yields no targets: yield (x, y) or (x, y, sample_weight) batches.")
+        return _prepare(self.graph, x, y if self.with_targets else None, sw, None, with_targets=self.with_targets)
 
-        if isinstance(element, tuple) and self.with_targets:
-            if len(element) not in (2, 3):
-                raise ConfigError(f"dataset elements must be (x, y) or (x, y, sample_weight), got a tuple of {len(element)}.")
-            x, y, *sw = element
-        else:
-            x, y, sw = (element[0] if isinstance(element, tuple) else element), None, []
-        to_np = lambda t: keras.tree.map_structure(lambda a: np.asarray(a), t)  # noqa: E731
-        return _prepare(self.graph, to_np(x), to_np(y), to_np(sw[0]) if sw else None, None, with_targets=self.with_targets)
+    def _next(self):
+        if self._pending:
+            return self._pending.pop()
+        element = next(self._iterator, None)
+        if element is None and self.continuing:  # ran out: start the stream again
+            self._iterator = iter(self.adapter.get_numpy_iterator())
+            element = next(self._iterator, None)
+        return element
 
     def epoch(self, epoch: int) -> Iterator[tuple[Data, np.ndarray]]:
-        for step, element in enumerate(self.dataset):
-            if self.steps is not None and step >= self.steps:
+        if epoch > 0 and not self.continuing and not self._pending:
+            self._iterator = iter(self.adapter.get_numpy_iterator())
+        step = 0
+        while self.steps is None or step < self.steps:
+            element = self._next()
+            if element is None:
                 break
             data = self._convert(element)
             yield data, np.arange(len(data))
+            step += 1
 
 
-def source(graph: ModelGraph, x, y, sample_weight, class_weight, batch_size: int, with_targets: bool, shuffle=False, seed=0, steps_per_epoch=None):
-    """An ArraySource or DatasetSource for what the user passed as x."""
-    import tensorflow as tf
+def source(graph: ModelGraph, x, y, sample_weight, class_weight, batch_size: int | None, with_targets: bool, shuffle=False,
+           seed=0, steps=None) -> ArraySource | StreamSource:
+    """The source for what the user passed as x (arrays: ArraySource; streams: StreamSource)."""
+    if keras_compat.is_array_like((x, y, sample_weight)):
+        data = _prepare(graph, x, y, sample_weight, class_weight, with_targets)
+        return ArraySource(data, 32 if batch_size is None else batch_size, shuffle, seed, steps)
+    if y is not None or sample_weight is not None:
+        raise ConfigError(f"With x of type {type(x).__name__}, targets and sample weights come from x: do not pass y or sample_weight.")
+    return StreamSource(x, graph, with_targets, steps, class_weight)
 
-    if isinstance(x, tf.data.Dataset):
-        if y is not None or sample_weight is not None or class_weight is not None:
-            raise ConfigError("With a tf.data.Dataset, targets and sample weights come from the dataset: do not pass y, sample_weight or class_weight.")
-        return DatasetSource(x, graph, with_targets, steps_per_epoch)
-    data = _prepare(graph, x, y, sample_weight, class_weight, with_targets)
-    return ArraySource(data, batch_size, shuffle, seed, steps_per_epoch)
 
-
-def validation_sources(graph: ModelGraph, train, validation_data, validation_split: float, batch_size: int, shuffle: bool, seed: int, steps):
+def validation_sources(graph: ModelGraph, train, validation_data, validation_split: float, batch_size: int | None,
+                       shuffle: bool, seed: int, steps: int | None, validation_steps: int | None):
     """(training source, validation source or None) for fit's validation arguments."""
-    import tensorflow as tf
-
     if not 0.0 <= validation_split < 1.0:
         raise ConfigError(f"validation_split must be in [0, 1), got {validation_split}.")
-    if validation_split:
+    if validation_split and validation_data is None:
         if not isinstance(train, ArraySource):
-            raise ConfigError("validation_split needs arrays; with a tf.data.Dataset pass validation_data.")
+            raise ConfigError("validation_split needs arrays; with a dataset, PyDataset or generator pass validation_data.")
         data = train.data
         cut = int(len(data) * (1.0 - validation_split))
         if cut == 0 or cut == len(data):
             raise ConfigError(f"validation_split={validation_split} leaves no training or no validation samples out of {len(data)}.")
-        train = ArraySource(data.take(np.arange(cut)), batch_size, shuffle, seed, steps)
-        return train, ArraySource(data.take(np.arange(cut, len(data))), batch_size)
+        train = ArraySource(data.take(np.arange(cut)), train.batch_size, shuffle, seed, steps)
+        return train, ArraySource(data.take(np.arange(cut, len(data))), batch_size or train.batch_size, steps_per_epoch=validation_steps)
     if validation_data is None:
         return train, None
-    if isinstance(validation_data, tf.data.Dataset):
-        return train, DatasetSource(validation_data, graph, True)
-    if isinstance(validation_data, (tuple, list)) and len(validation_data) in (2, 3):
+    if isinstance(validation_data, (tuple, list)):
+        if len(validation_data) not in (2, 3):
+            raise ConfigError("validation_data must be (x, y), (x, y, sample_weight), a dataset, PyDataset or generator.")
         vx, vy, *vsw = validation_data
-        return train, source(graph, vx, vy, vsw[0] if vsw else None, None, batch_size, True)
-    raise ConfigError("validation_data must be (x, y), (x, y, sample_weight) or a tf.data.Dataset.")
+        return train, source(graph, vx, vy, vsw[0] if vsw else None, None, batch_size, True, steps=validation_steps)
+    return train, source(graph, validation_data, None, None, None, batch_size, True, steps=validation_steps)
 
 
 def shapes(data: Data) -> list:

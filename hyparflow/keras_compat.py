@@ -17,19 +17,24 @@ from keras.src.utils.python_utils import is_default
 
 __all__ = [
     "call_context_args",
+    "compile_identity",
     "compiled_loss",
     "compiled_metrics",
     "functional_graph",
     "get_keras_mask",
     "get_loss",
     "get_metric",
+    "data_adapter",
+    "is_array_like",
     "is_default",
     "nodes_by_depth",
+    "overridden_steps",
     "own_call_losses",
     "reduce_weighted_values",
     "regularization_losses",
     "set_keras_mask",
     "squeeze_or_expand_to_same_rank",
+    "unpack_x_y_sample_weight",
     "optimizer_variables_for",
 ]
 
@@ -59,6 +64,39 @@ def compiled_loss(model) -> tuple[Any, Any] | None:
     """(loss, loss_weights) as the user passed them to compile(), or None if not compiled."""
     cl = getattr(model, "_compile_loss", None)
     return None if cl is None else (cl._user_loss, cl._user_loss_weights)
+
+
+def is_array_like(data) -> bool:
+    """Whether Keras would slice `data` (arrays, tensors, DataFrames, nested lists/dicts of them)."""
+    from keras.src.trainers.data_adapters import array_data_adapter
+
+    return array_data_adapter.can_convert_arrays(data)
+
+
+def data_adapter(x, steps: int | None, class_weight) -> Any:
+    """Keras's own adapter for a stream (tf.data.Dataset, PyDataset, generator)."""
+    from keras.src.trainers.data_adapters import get_data_adapter
+
+    return get_data_adapter(x, steps_per_epoch=steps, class_weight=class_weight)
+
+
+def unpack_x_y_sample_weight(element) -> tuple[Any, Any, Any]:
+    """A stream element as (x, y, sample_weight), as Keras reads it."""
+    from keras.src.trainers.data_adapters.data_adapter_utils import unpack_x_y_sample_weight as unpack
+
+    return unpack(element)
+
+
+def compile_identity(model) -> tuple[int, ...]:
+    """Identifies the model's current compile() call: a recompiled model gets new objects."""
+    return tuple(id(getattr(model, a, None)) for a in ("optimizer", "_compile_loss", "_compile_metrics"))
+
+
+def overridden_steps(model, names: tuple[str, ...]) -> list[str]:
+    """Which of Keras's training hooks (train_step, compute_loss, ...) the model's class overrides."""
+    import keras
+
+    return [n for n in names if getattr(type(model), n, None) is not getattr(keras.Model, n, None)]
 
 
 def compiled_metrics(model) -> tuple[Any, Any] | None:

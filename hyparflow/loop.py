@@ -1,13 +1,17 @@
 """The training loop's pieces that every rank runs together: one pass over the global
-batches, logs reduced over the world, one stop decision for all ranks, and the
-non-trainable state (BatchNorm statistics) averaged across replicas."""
+batches, logs reduced over the world, one stop decision for all ranks, the
+non-trainable state (BatchNorm statistics) averaged across replicas, and the epoch-end
+weight gather and checkpoint."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from hyparflow import checkpoint
+from hyparflow.checkpoint import gather_stages
 from hyparflow.failures import phase
 from hyparflow.inputs import Data
 from hyparflow.session import Session
@@ -50,15 +54,19 @@ def agree_to_stop(session: Session) -> bool:
 def run_epoch(session: Session, batches: Iterable[tuple[Data, np.ndarray]], train: bool, on_batch: OnBatch | None = None,
               prefix: str = "") -> dict[str, float]:
     """One pass over `batches` (global batches); returns the reduced logs. With `on_batch`,
-    logs are reduced after every step and the ranks agree on stopping."""
-    executor, obj = session.executor, session.objective
-    assert executor is not None and obj is not None
+    logs are reduced and the ranks agree on stopping after every `steps_per_execution`
+    steps, where Keras calls batch callbacks."""
+    executor, obj = session.executor_or_fail(), session.objective
+    assert obj is not None
+    per_call = max(int(getattr(session.model, "steps_per_execution", 1) or 1), 1)
     obj.reset_metrics()
     loss_sum, parts_sum, seen = 0.0, np.zeros(len(session.plan.graph.output_names)), 0
     logs: dict[str, float] = {}
+    step, pending = -1, False  # pending: a group of steps began whose end was not reported yet
     for step, (data, idx) in enumerate(batches):
-        if on_batch is not None:
+        if on_batch is not None and step % per_call == 0:
             on_batch(step, None)
+            pending = True
         micro, norm = session.micro_batches(data, idx)
         if train:
             loss, parts = executor.train_step(micro, norm)
@@ -67,14 +75,30 @@ def run_epoch(session: Session, batches: Iterable[tuple[Data, np.ndarray]], trai
         loss_sum += loss * len(idx)
         parts_sum += parts * len(idx)
         seen += len(idx)
-        if on_batch is not None:
+        if on_batch is not None and (step + 1) % per_call == 0:
+            pending = False
             logs = reduce_logs(session, loss_sum, parts_sum, seen, prefix)
             on_batch(step, logs)
-            if agree_to_stop(session):
+            if train and agree_to_stop(session):
                 break
-    if on_batch is None or not logs:
-        logs = reduce_logs(session, loss_sum, parts_sum, seen, prefix)
+    logs = reduce_logs(session, loss_sum, parts_sum, seen, prefix) if (on_batch is None or pending or not logs) else logs
+    if on_batch is not None and pending:
+        on_batch(step, logs)
     return logs
+
+
+def epoch_checkpoint(session: Session, epoch: int, folder: str | None, every: int, keep: int, gather: bool) -> None:
+    """Gather the weights on rank 0 if a callback or a due checkpoint needs them; write it."""
+    saving = folder is not None and (epoch + 1) % every == 0
+    if gather or saving:
+        with phase("weight gather"):
+            gather_stages(session.plan, session.transport)
+    if folder is not None and saving:
+        with phase(f"checkpoint writing (epoch {epoch + 1})"):
+            path = os.path.join(folder, checkpoint.CKPT_PATTERN.format(epoch=epoch + 1))
+            checkpoint.write_checkpoint(session.model, path, session.transport)
+            if session.transport.rank == 0:
+                checkpoint.prune(folder, keep)
 
 
 def sync_replica_state(session: Session) -> None:

@@ -9,10 +9,12 @@ for all to follow, places replicas x stages on the ranks, and forms the grid's g
 from __future__ import annotations
 
 import logging
+import weakref
+from typing import Any
 
 import numpy as np
 
-from hyparflow import placement
+from hyparflow import keras_compat, placement
 from hyparflow.errors import ConfigError
 from hyparflow.executor import Executor
 from hyparflow.failures import phase, state
@@ -27,14 +29,41 @@ from hyparflow.transport import Transport
 
 log = logging.getLogger("hyparflow")
 
+# The newest session of each model, reused by the next call with the same layout and
+# compilation (its plan, groups and compiled stage functions), as Keras reuses its
+# compiled train function.
+_SESSIONS: weakref.WeakKeyDictionary[Any, tuple[tuple, Session]] = weakref.WeakKeyDictionary()
+
+
+def open_session(model, comm, layout_kw: dict[str, Any], balance=None, memory_limit=None, announce: bool = False) -> Session:
+    """The model's cached session if every rank has one for this layout and compilation,
+    else a new one (the old one is closed). Starts with the bounded rendezvous."""
+    world = Transport(comm)
+    layout = Layout.resolve(world.size, **layout_kw)
+    key = (id(world.world), layout, repr(balance), memory_limit, keras_compat.compile_identity(model))
+    cached = _SESSIONS.get(model)
+    reusable = cached is not None and cached[0] == key
+    session = cached[1] if reusable else None
+    transport = session.transport if session is not None else world
+    with phase("start-up"):
+        transport.rendezvous("the start of a hyparflow call")
+        everyone = all(transport.allgather(reusable))
+    if everyone and session is not None:
+        state.where = session.grid.where()
+        return session
+    if cached is not None:
+        cached[1].close()
+        del _SESSIONS[model]
+    session = Session(model, layout, balance, memory_limit, world, announce)
+    _SESSIONS[model] = (key, session)
+    return session
+
 
 class Session:
     def __init__(self, model, layout: Layout, balance, memory_limit, transport: Transport, announce: bool = False):
         self.model, self.layout, self.transport = model, layout, transport
         self.P, self.R, self.M = layout.num_partitions, layout.num_replicas, layout.num_microbatches
         state.where = ""
-        with phase("start-up"):
-            transport.rendezvous("the start of a hyparflow call")
         with phase("plan"):
             graph = ModelGraph(model)
             self.check_same_everywhere(
@@ -62,6 +91,16 @@ class Session:
         self.stage = self.plan.stages[self.grid.stage]
         self.executor: Executor | None = None
         self.objective: Objective | None = None
+        self.with_targets = False
+
+    @property
+    def compute(self) -> StageCompute:
+        return self.executor_or_fail().compute
+
+    def executor_or_fail(self) -> Executor:
+        if self.executor is None:
+            raise RuntimeError("the session's stage is not built: call start() first")
+        return self.executor
 
     def close(self) -> None:
         self.transport.close()
@@ -75,8 +114,11 @@ class Session:
             raise ConfigError(f"The {what} differs between ranks (ranks {odd} differ from rank 0): {hint}")
 
     def start(self, data: Data, need_loss: bool = True) -> Executor:
-        """Resolve the compiled loss and metrics against a sample batch; build the stage."""
-        if self.executor is None:
+        """Resolve the compiled loss and metrics against a sample batch; build the stage
+        (once: a later call reuses it unless it now needs the targets an earlier did not)."""
+        with_targets = any(y is not None for y in data.y)
+        if self.executor is None or (with_targets and not self.with_targets):
+            self.with_targets = with_targets
             graph = self.plan.graph
             specs = [graph.tensors[t].ref for t in graph.output_tensors]
             y_sample = [None if y is None else y[:2] for y in data.y]
@@ -96,7 +138,8 @@ class Session:
 
     def micro_batches(self, data: Data, idx: np.ndarray) -> tuple[list[MicroBatch], StepNorm]:
         """This rank's micro-batches of global batch `idx`, and the step's normalisers."""
-        assert self.objective is not None, "start() the session first"
+        if self.objective is None:
+            raise RuntimeError("the session's objective is not built: call start() first")
         shares = np.array_split(idx, self.R)
         st = self.stage
         micro = [

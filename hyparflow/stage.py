@@ -127,6 +127,15 @@ class StageCompute:
         # Without replicas there is nothing to reduce: apply the accumulators in place.
         self.apply_accumulated = tf.function(lambda: self._apply_now([a.value() for a in self.acc]))
         self.infer = tf.function(lambda *args: self._run(*args, training=False))
+        self.predict = tf.function(self._predict)
+
+    def _predict(self, recv_vals, data_vals):
+        """Forward only, no loss or metrics: (sends, model outputs)."""
+        st = self.stage
+        feeds = dict(zip(st.recv, recv_vals))
+        feeds.update(zip(st.data_inputs, data_vals))
+        out = st.forward(feeds, training=False)
+        return [out[t] for t in self.send_ids], [out[t] for t in st.output_tensors]
 
     def forward(self, args, divisors, reg_scale):
         """Training forward under a tape kept for `backward`: (sends, loss, per-output, stash)."""
