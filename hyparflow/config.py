@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from hyparflow.errors import ConfigError
+from hyparflow.settings import positive_int
 
 DEFAULTS: dict[str, Any] = {
     "name": "run",
@@ -51,8 +52,7 @@ def load(path: str) -> dict[str, Any]:
     cfg = copy.deepcopy(DEFAULTS)
     cfg.update(raw)
     for key in ("batch_size", "epochs", "ranks", "partitions", "microbatches"):
-        if not isinstance(cfg[key], int) or cfg[key] < (0 if key == "epochs" else 1):
-            raise ConfigError(f"config file {path}: {key} must be a positive integer, got {cfg[key]!r}.")
+        positive_int(f"config file {path}: {key}", cfg[key], minimum=0 if key == "epochs" else 1)
     if cfg["ranks"] % cfg["partitions"]:
         raise ConfigError(f"config file {path}: ranks={cfg['ranks']} is not a multiple of partitions={cfg['partitions']}.")
     return cfg

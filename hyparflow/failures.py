@@ -33,12 +33,11 @@ state = _State()
 
 @contextlib.contextmanager
 def phase(name: str) -> Iterator[None]:
-    """Label what this rank is doing, for failure and stall messages."""
+    """Label what this rank is doing, for failure and stall messages. An exception leaves
+    the label in place: it names where the failure happened."""
     previous, state.phase = state.phase, name
-    try:
-        yield
-    finally:
-        state.phase = previous
+    yield
+    state.phase = previous
 
 
 def report(message: str) -> None:

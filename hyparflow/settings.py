@@ -29,7 +29,7 @@ def positive_int(name: str, value: Any, minimum: int = 1, what: str = "") -> int
     import numpy as np
 
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        kind = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
         raise ConfigError(f"{name} must be {kind}{what}, got {value!r}.")
     return int(value)
 
