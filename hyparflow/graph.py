@@ -203,7 +203,8 @@ def _expandable(node):
     import keras
 
     fn = keras_compat.plain_functional(node.operation)
-    if fn is None or len(node.arguments.args) > 1 or node.arguments.kwargs.get("mask") is not None:
+    masks = keras.tree.flatten(node.arguments.kwargs.get("mask"))
+    if fn is None or len(node.arguments.args) > 1 or any(m is not None for m in masks):
         return None
     given = _call_inputs(node, fn)
     if len(given) != len(fn.inputs) or len(node.outputs) != len(fn.outputs):
@@ -388,7 +389,8 @@ class ModelGraph:
 
         Each call is timed at `batch` and at 4 x `batch` samples (best of 3); the
         difference is the cost that grows with the data, free of the fixed per-call
-        Python overhead that a compiled stage does not pay.
+        Python overhead that a compiled stage does not pay. The calls run in training
+        mode, so the variables they update (BatchNorm statistics, seeds) are restored.
         """
         import tensorflow as tf
 
@@ -418,12 +420,15 @@ class ModelGraph:
         small: dict[int, Any] = {}
         large: dict[int, Any] = {}
         times = []
+        saved = {id(v): (v, v.numpy()) for c in self.calls for v in getattr(c.layer, "variables", ())}
         for c in self.calls:
             t_small, out_small = timed(c, {i: small[i] if i in small else sample(self.tensors[i], batch) for i in c.inputs})
             t_large, out_large = timed(c, {i: large[i] if i in large else sample(self.tensors[i], 4 * batch) for i in c.inputs})
             small.update(out_small)
             large.update(out_large)
             times.append(max(t_large - t_small, 0.0) / 3.0)
+        for v, value in saved.values():
+            v.assign(value)
         return times
 
 

@@ -106,7 +106,13 @@ class Stage:
     def forward(self, feeds: dict[int, Any], training: bool) -> dict[int, Any]:
         """Run the stage. `feeds` maps tensor index -> value for its received boundary
         tensors (masks included) and its model inputs; returns values for every tensor it
-        sends and every model output it produces."""
+        sends (masks included) and every model output it produces."""
+        values = self._run(feeds, training)
+        wanted = [t for t, _ in self.send] + self.output_tensors
+        return {t: self._mask(values, t) if self.tensors[t].mask_of >= 0 else values[t] for t in wanted}
+
+    def _run(self, feeds: dict[int, Any], training: bool) -> dict[int, Any]:
+        """Attach the received masks to their tensors, run the calls; returns all values."""
         values = dict(feeds)
         for t in self.recv:
             if self.tensors[t].mask_of >= 0:
@@ -116,17 +122,14 @@ class Stage:
             values.update(run_call(call, values, training))
             if isinstance(call.layer, keras.layers.Layer):
                 self._call_losses += keras_compat.own_call_losses(call.layer)
-        wanted = [t for t, _ in self.send] + self.output_tensors
-        return {t: self._mask(values, t) if self.tensors[t].mask_of >= 0 else values[t] for t in wanted}
+        return values
 
     def _mask(self, values: dict[int, Any], t: int) -> Any:
-        info = self.tensors[t]
-        mask = keras_compat.get_keras_mask(values[info.mask_of])
+        mask = keras_compat.get_keras_mask(values[self.tensors[t].mask_of])
         if mask is None:
             raise ConfigError(
-                f"Tensor '{self.tensors[info.mask_of].name}' carried a Keras mask when the model was built but "
-                "has none when run, so the mask cannot be sent to the next stage; choose cuts (balance=[...]) "
-                "that keep it inside one stage."
+                f"Tensor '{self.tensors[self.tensors[t].mask_of].name}' had a Keras mask when the plan was made but "
+                "has none now; its mask cannot be sent to the next stage. Plan again for this model as it is now."
             )
         return mask
 
@@ -176,6 +179,8 @@ class Plan:
             for layer in st.unique_layers:
                 if first_holder.setdefault(id(layer), st.index) != st.index:
                     st.tied_earlier.add(id(layer))
+        if any(graph.tensors[t].mask_of >= 0 for t in self.boundary):
+            self._send_present_masks_only()
         for t in self.boundary:
             info = graph.tensors[t]
             if any(d is None for d in info.shape):
@@ -183,6 +188,22 @@ class Plan:
                     f"Boundary tensor '{info.name}' has shape {info.shape} with unknown dimensions, which cannot be sent "
                     "between stages; give the model's Input layers full shapes, or choose cuts (balance=[...]) that avoid it."
                 )
+
+    def _send_present_masks_only(self) -> None:
+        """Keep only the boundary masks that their tensors still carry when the sending stage
+        ends. Keras builds masks symbolically, but at run time a layer may drop its inputs'
+        masks (MultiHeadAttention does), and what a later consumer sees depends on the calls
+        already run: one inference pass of the stages on a sample finds out."""
+        tensors = self.graph.tensors
+        values = {t.index: np.zeros((1,) + tuple(d or 1 for d in t.shape), np_dtype(t.dtype)) for t in tensors if t.producer < 0}
+        for st in self.stages:
+            out = st._run({t: values[t] for t in st.recv + st.data_inputs}, training=False)
+            for t, _ in st.send:
+                values[t] = out[t] if tensors[t].mask_of < 0 else keras_compat.get_keras_mask(out[tensors[t].mask_of])
+            absent = {t for t, _ in st.send if values[t] is None}
+            st.send = [(t, d) for t, d in st.send if t not in absent]
+            for later in self.stages[st.index + 1 :]:
+                later.recv = [t for t in later.recv if t not in absent]
 
     @property
     def boundary(self) -> list[int]:
@@ -216,33 +237,36 @@ class Plan:
 
     def forward(self, inputs: Sequence[Any], training: bool = False) -> list[Any]:
         """Run the stages one after another in this process; returns the model outputs.
-        A reference for tests and debugging: the result must equal `model(inputs)`."""
+        A reference for tests and debugging: the result must equal `model(inputs)`. Each
+        stage receives fresh copies of its boundary tensors, bare as from the network."""
         values = {self.graph.tensors[i].index: x for i, x in enumerate(inputs)}
         for st in self.stages:
-            feeds = {t: values[t] for t in st.recv}
+            feeds = {t: keras.ops.copy(values[t]) for t in st.recv}
             feeds.update({i: values[i] for i in st.data_inputs})
             values.update(st.forward(feeds, training))
         return [values[t] for t in self.graph.output_tensors]
 
     def __str__(self) -> str:
         rows = [f"Plan: {len(self.graph)} layer calls in {self.num_partitions} stages (balance={self.balance})"]
-        head = f"{'stage':>5} {'layers':>6}  {'first .. last':<40} {'cost':>10} {'params':>10}  in / out"
+        spans = [f"{s.layers[0]} .. {s.layers[-1]}" for s in self.stages]
+        width = min(max(40, *map(len, spans)), 90)  # nested models make long names ("resnet50/conv1_conv")
+        head = f"{'stage':>5} {'layers':>6}  {'first .. last':<{width}} {'cost':>10} {'params':>10}  in / out"
         rows += [head, "-" * len(head)]
         total = sum(s.cost for s in self.stages) or 1.0
-        for s in self.stages:
-            span = f"{s.layers[0]} .. {s.layers[-1]}"
+        for s, span in zip(self.stages, spans):
             ins = ", ".join(f"{t.name}{list(t.shape)}" for t in s.inputs) or "-"
             outs = ", ".join(f"{self.graph.tensors[t].name}->{d}" for t, d in s.send) or "-"
             if s.model_outputs:
                 outs += " | outputs: " + ", ".join(self.graph.output_names[i] for i in s.model_outputs)
-            rows.append(f"{s.index:>5} {len(s.calls):>6}  {span[:40]:<40} {100 * s.cost / total:>9.1f}% {_human(s.param_bytes):>10}  {ins} / {outs}")
-        tied = {}
+            cost = f"{100 * s.cost / total:>9.1f}%"
+            rows.append(f"{s.index:>5} {len(s.calls):>6}  {span[:width]:<{width}} {cost} {_human(s.param_bytes):>10}  {ins} / {outs}")
+        holders: dict[int, tuple[str, set[int]]] = {}
         for st in self.stages:
             for c in st.calls:
-                tied.setdefault(id(c.layer), (c.layer.name, set()))[1].add(st.index)
-        tied = [(name, sorted(stages)) for name, stages in tied.values() if len(stages) > 1]
+                holders.setdefault(id(c.layer), (c.name, set()))[1].add(st.index)
+        tied = [f"{name} {sorted(stages)}" for name, stages in holders.values() if len(stages) > 1]
         if tied:
-            rows.append("tied (on several stages, gradients summed): " + ", ".join(f"{n} {s}" for n, s in tied))
+            rows.append("tied layers (on several stages, their gradients summed): " + ", ".join(tied))
         return "\n".join(rows)
 
     __repr__ = __str__
