@@ -179,7 +179,8 @@ class _Expansion:
                 for t, given in zip(inner.inputs, _call_inputs(node, inner)):
                     self.alias[(sub, id(t))] = self.key(instance, given)
                 # Arguments given at the nested call (training=False, ...) hold for its whole inside.
-                explicit = {n: v for n, v in node.arguments.kwargs.items() if n not in ("inputs", "mask") and v is not None}
+                kwargs = node.arguments.kwargs
+                explicit = {n: v for n, v in kwargs.items() if n not in ("inputs", "mask") and v is not None}
                 self.walk(inner, sub, f"{prefix}{model.name}{f'#{k}' if k else ''}/", {**context, **explicit})
                 for t, out in zip(node.outputs, inner.outputs):
                     self.alias[(instance, id(t))] = self.key(sub, out)
@@ -222,7 +223,8 @@ def _refined_shapes(site: _Site, arg_shapes: dict[int, tuple]) -> list[tuple] | 
     import keras
 
     dtypes = {id(t): t.dtype for t in site.node.input_tensors}
-    args, kwargs = site.node.arguments.fill_in({ref: keras.KerasTensor((None,) + arg_shapes[ref], dtype=dtypes[ref]) for ref, _ in site.args})
+    specs = {ref: keras.KerasTensor((None,) + arg_shapes[ref], dtype=dtypes[ref]) for ref, _ in site.args}
+    args, kwargs = site.node.arguments.fill_in(specs)
     try:
         out = keras.tree.flatten(site.node.operation.compute_output_spec(*args, **kwargs))
     except Exception:  # shape inference only refines: on any failure the built shapes stand
@@ -329,7 +331,7 @@ class ModelGraph:
     def _add_tensor(self, t, key: Key, shape: tuple, producer: int, model_input: int = -1, label: str = "") -> int:
         if key in self._tensor_of:
             return self._tensor_of[key]
-        info = TensorInfo(index=len(self.tensors), ref=t, shape=shape, dtype=str(t.dtype), producer=producer, model_input=model_input, label=label)
+        info = TensorInfo(len(self.tensors), t, shape, str(t.dtype), producer, model_input=model_input, label=label)
         self.tensors.append(info)
         self._tensor_of[key] = info.index
         return info.index

@@ -25,7 +25,16 @@ import numpy as np
 
 from hyparflow import keras_compat
 from hyparflow.errors import ConfigError
-from hyparflow.graph import COST_MODELS, TIME_PROFILE_MAX_CALLS, LayerCall, ModelGraph, TensorInfo, np_dtype, run_call, weights_of
+from hyparflow.graph import (
+    COST_MODELS,
+    TIME_PROFILE_MAX_CALLS,
+    LayerCall,
+    ModelGraph,
+    TensorInfo,
+    np_dtype,
+    run_call,
+    weights_of,
+)
 
 # Estimated bytes held per parameter byte: weights, gradients and two optimizer slots.
 STATE_BYTES_PER_PARAM_BYTE = 4
@@ -195,7 +204,7 @@ class Plan:
         masks (MultiHeadAttention does), and what a later consumer sees depends on the calls
         already run: one inference pass of the stages on a sample finds out."""
         tensors = self.graph.tensors
-        values = {t.index: np.zeros((1,) + tuple(d or 1 for d in t.shape), np_dtype(t.dtype)) for t in tensors if t.producer < 0}
+        values = {t.index: np.zeros((1, *(d or 1 for d in t.shape)), np_dtype(t.dtype)) for t in tensors if t.producer < 0}
         for st in self.stages:
             out = st._run({t: values[t] for t in st.recv + st.data_inputs}, training=False)
             for t, _ in st.send:
@@ -259,7 +268,8 @@ class Plan:
             if s.model_outputs:
                 outs += " | outputs: " + ", ".join(self.graph.output_names[i] for i in s.model_outputs)
             cost = f"{100 * s.cost / total:>9.1f}%"
-            rows.append(f"{s.index:>5} {len(s.calls):>6}  {span[:width]:<{width}} {cost} {_human(s.param_bytes):>10}  {ins} / {outs}")
+            row = f"{s.index:>5} {len(s.calls):>6}  {span[:width]:<{width}} {cost} {_human(s.param_bytes):>10}"
+            rows.append(f"{row}  {ins} / {outs}")
         holders: dict[int, tuple[str, set[int]]] = {}
         for st in self.stages:
             for c in st.calls:
@@ -350,7 +360,12 @@ def _starts_from_names(graph: ModelGraph, names: list[str], parts: int) -> list[
     return starts
 
 
-def balanced_cuts(costs: list[float], parts: int, memory: list[float] | None = None, memory_limit: float | None = None) -> list[int]:
+def balanced_cuts(
+    costs: list[float],
+    parts: int,
+    memory: list[float] | None = None,
+    memory_limit: float | None = None,
+) -> list[int]:
     """Stage start indices minimising the largest stage cost (contiguous stages).
 
     Exact up to float resolution: bisection on the bottleneck value, each probe a
@@ -363,7 +378,9 @@ def balanced_cuts(costs: list[float], parts: int, memory: list[float] | None = N
     mem = memory if memory is not None else [0.0] * n
     cap = memory_limit if memory_limit is not None else math.inf
     if max(mem) > cap:
-        raise ConfigError(f"memory_limit={memory_limit:.0f} bytes is below the largest single layer's estimate ({max(mem):.0f} bytes).")
+        raise ConfigError(
+            f"memory_limit={memory_limit:.0f} bytes is below the largest single layer's estimate ({max(mem):.0f} bytes).",
+        )
 
     def greedy(limit: float) -> list[int] | None:
         starts, acc, used = [0], 0.0, 0.0
@@ -378,7 +395,8 @@ def balanced_cuts(costs: list[float], parts: int, memory: list[float] | None = N
 
     lo, hi = max(costs), sum(costs)
     if greedy(hi) is None:
-        raise ConfigError(f"No split into {parts} stages keeps every stage under memory_limit={memory_limit:.0f} bytes; use more partitions or a higher limit.")
+        limit = f"memory_limit={memory_limit:.0f} bytes"
+        raise ConfigError(f"No split into {parts} stages keeps every stage under {limit}; use more partitions or a higher limit.")
     for _ in range(100):
         if hi - lo <= 1e-9 * hi:
             break
@@ -391,7 +409,8 @@ def balanced_cuts(costs: list[float], parts: int, memory: list[float] | None = N
     # Fewer stages than asked: split the costliest multi-call stages (never raises the max).
     while len(starts) < parts:
         bounds = starts + [n]
-        _, k = max((sum(costs[bounds[k] : bounds[k + 1]]), k) for k in range(len(starts)) if bounds[k + 1] - bounds[k] > 1)
+        splittable = [k for k in range(len(starts)) if bounds[k + 1] - bounds[k] > 1]
+        _, k = max((sum(costs[bounds[k] : bounds[k + 1]]), k) for k in splittable)
         a, b = bounds[k], bounds[k + 1]
         half, acc, cut = sum(costs[a:b]) / 2, 0.0, a + 1
         for i in range(a, b - 1):

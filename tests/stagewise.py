@@ -50,7 +50,7 @@ def stagewise(plan: hf.Plan, inputs, seeds, training=False):
     return outputs, var_grads
 
 
-def check_transparent(model, parts_list, n=5, xs=None, balance="flops", regularization=True) -> dict[int, tuple[float, float]]:
+def check_transparent(model, parts_list, n=5, xs=None, balance="flops", regularization=True) -> dict:
     """Stagewise == whole model (training=False) at each number of stages: outputs and every
     trainable variable's gradient. Returns {parts: (max output error, max gradient error)},
     each relative to the largest reference value. With `regularization`, also checks that the

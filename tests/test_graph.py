@@ -42,7 +42,8 @@ def test_nested_models_are_expanded_and_left_untouched():
     plan = hf.plan(model, 4, balance="time")  # "time" runs every call in training mode
     calls = plan.graph.calls
     kinds = {(c.name.rsplit("/", 1)[0], type(c.layer).__name__) for c in calls}
-    assert {("middle/block", "BatchNormalization"), ("block#1", "BatchNormalization"), ("seq", "Dropout"), ("middle", "Add")} <= kinds
+    want = {("middle/block", "BatchNormalization"), ("block#1", "BatchNormalization"), ("seq", "Dropout"), ("middle", "Add")}
+    assert want <= kinds
     assert [(c.name.split("/")[0], c.context) for c in calls if c.context] == [("block#1", {"training": False})] * 3
     after = (model.to_json(), [len(layer._inbound_nodes) for layer in model._flatten_layers()], model.get_weights())
     assert after[:2] == before[:2]
@@ -165,9 +166,15 @@ def test_keras_hub_backbone_nested_with_a_head():
 
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=30, num_layers=2, num_heads=2, hidden_dim=8, intermediate_dim=16, max_sequence_length=8
+        vocabulary_size=30,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=8,
     )
-    inputs = {name: keras.Input((8,), dtype="int32", name=name) for name in ("token_ids", "segment_ids", "padding_mask")}
+    names = ("token_ids", "segment_ids", "padding_mask")
+    inputs = {name: keras.Input((8,), dtype="int32", name=name) for name in names}
     out = backbone(inputs)
     model = keras.Model(list(inputs.values()), keras.layers.Dense(3)(out["pooled_output"]))
     ids, mask = zoo.padded_tokens(model, 4)

@@ -130,17 +130,22 @@ def nested_deep(seed=0):
     the top with training=False, beside a nested Sequential with Dropout."""
     keras.utils.set_random_seed(seed)
     i = keras.Input((8,))
-    block = keras.Model(i, layers.Dense(8, activation="tanh")(layers.BatchNormalization()(layers.Dense(8)(i))), name="block")
+    normalized = layers.BatchNormalization()(layers.Dense(8)(i))
+    block = keras.Model(i, layers.Dense(8, activation="tanh")(normalized), name="block")
     j = keras.Input((8,))
     middle = keras.Model(j, block(layers.Dense(8)(j)) + j, name="middle")
-    seq = keras.Sequential([keras.Input((8,)), layers.Dense(8, activation="relu"), layers.Dropout(0.3), layers.Dense(8)], name="seq")
+    seq = keras.Sequential(
+        [keras.Input((8,)), layers.Dense(8, activation="relu"), layers.Dropout(0.3), layers.Dense(8)],
+        name="seq",
+    )
     inp = keras.Input((6,), name="x")
     x = middle(layers.Dense(8)(inp))
     x = seq(block(x, training=False))
     return keras.Model(inp, layers.Dense(3, name="out")(x), name="nested_deep")
 
 
-ZOO = {f.__name__: f for f in (mlp, resnet_bn, densenet, multi_io, shared, nested, sequential, int_boundary, ops_graph, nested_deep)}
+ZOO_MODELS = (mlp, resnet_bn, densenet, multi_io, shared, nested, sequential, int_boundary, ops_graph, nested_deep)
+ZOO = {f.__name__: f for f in ZOO_MODELS}
 
 
 # ---- sequence models: their int inputs are padded token ids (see padded_tokens) ------------
@@ -164,7 +169,8 @@ def tied_lm(seed=0, length=8, vocab=30):
     keras.utils.set_random_seed(seed)
     ids = keras.Input((length,), dtype="int32", name="token_ids")
     pad = keras.Input((length,), dtype="int32", name="padding_mask")
-    emb = keras_hub.layers.ReversibleEmbedding(vocab, 16, embeddings_regularizer=keras.regularizers.l2(1e-3), name="tied_embedding")
+    l2 = keras.regularizers.l2(1e-3)
+    emb = keras_hub.layers.ReversibleEmbedding(vocab, 16, embeddings_regularizer=l2, name="tied_embedding")
     x = emb(ids)
     x = x + keras_hub.layers.PositionEmbedding(length)(x)
     for _ in range(2):
@@ -180,7 +186,12 @@ def hub_causal_lm(seed=0, length=8, vocab=30):
 
     keras.utils.set_random_seed(seed)
     backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=vocab, num_layers=2, num_heads=2, hidden_dim=8, intermediate_dim=16, max_sequence_length=length
+        vocabulary_size=vocab,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=length,
     )
     lm = keras_hub.models.GPT2CausalLM(backbone, preprocessor=None)
     ids = keras.Input((length,), dtype="int32", name="token_ids")
