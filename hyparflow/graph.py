@@ -1,8 +1,15 @@
 """The model graph: a Keras functional model as a flat, topologically ordered list
-of layer calls, with the per-call costs the partitioner balances.
+of calls (layers and plain ops such as `x + 1`), with the per-call costs the
+partitioner balances.
 
-Every walk here is iterative, so graphs of thousands of layers (ResNet-1001, the
-5,000-layer models of HyPar-Flow) need no recursion-limit tricks.
+Nested functional and Sequential models are expanded in place, so that their inner
+layers are planned, cut and balanced like top-level ones; the user's model and its
+variables are left as they are. Implicit Keras masks become tensors of their own, so
+that they can cross stage boundaries beside the tensors they mask.
+
+Walks over the graph are iterative, so graphs of thousands of layers (ResNet-1001, the
+5,000-layer models of HyPar-Flow) need no recursion-limit tricks; only the nesting of
+models (a few levels) is followed recursively.
 """
 
 from __future__ import annotations
@@ -22,20 +29,24 @@ COST_MODELS = ("time", "flops", "params")
 # Above this many layer calls, "time" profiling costs more than it is worth.
 TIME_PROFILE_MAX_CALLS = 100
 
+Key = tuple[int, int]  # a symbolic tensor in one expansion of the nesting: (instance, id(KerasTensor))
+
 
 @dataclass
 class TensorInfo:
     """One edge of the graph: a symbolic tensor, its per-sample shape and dtype."""
 
     index: int
-    ref: Any  # the KerasTensor
+    ref: Any  # the KerasTensor (for a tensor inside a nested model: the inner one)
     shape: tuple[int | None, ...]  # without the batch dimension
     dtype: str
     producer: int  # index of the producing call, -1 for a model input
     model_input: int = -1  # position among model.inputs, or -1
     consumers: list[int] = field(default_factory=list)
 
-    label: str = ""  # the producing layer's name (":k" for its k-th output), or the input's
+    label: str = ""  # the producing call's name (":k" for its k-th output), or the input's
+    mask: int = -1  # index of the tensor holding this tensor's Keras mask, or -1
+    mask_of: int = -1  # for a mask tensor: index of the tensor it masks, else -1
 
     @property
     def name(self) -> str:
@@ -52,17 +63,19 @@ class TensorInfo:
 
 @dataclass
 class LayerCall:
-    """One call of one layer (a node of the Keras graph)."""
+    """One call of one layer or op (a node of the Keras graph, nesting expanded)."""
 
     index: int
-    name: str  # the layer's name, suffixed with "#k" for its k-th call when shared
+    name: str  # "outer/inner/layer" inside nested models, suffixed "#k" for a repeated call
     node: Any
-    layer: Any
+    layer: Any  # the Layer, or the Operation of a plain op
     inputs: tuple[int, ...]  # tensor indices
     outputs: tuple[int, ...]
     param_bytes: int  # zero for the second and later calls of a shared layer
     act_bytes: int  # output bytes per sample
     flops: float  # per sample, estimated
+    args: tuple[tuple[int, int], ...] = ()  # (id of a KerasTensor in node.arguments, tensor index)
+    context: dict[str, Any] = field(default_factory=dict)  # call-context arguments of enclosing nested calls
     cost: float = 0.0  # what balancing uses; set by ModelGraph.set_costs
 
 
@@ -73,17 +86,28 @@ def np_dtype(dtype) -> np.dtype:
     return np.dtype(tf.as_dtype(dtype).as_numpy_dtype)
 
 
+def weights_of(op) -> list[Any]:
+    """The weights of a call's layer; a plain op (`x + 1`, `ops.mean`) has none."""
+    return list(getattr(op, "weights", ()))
+
+
 def _functional(model):
     """The functional graph behind `model`, or a clear error if it has none."""
     import keras
 
     fn = keras_compat.functional_graph(model)
-    if fn is not None:
+    if fn is not None and keras_compat.plain_functional(model) is not None:
         return fn
-    if isinstance(model, keras.Sequential):
+    if isinstance(model, keras.Sequential) and fn is None:
         raise ConfigError(
             f"Sequential model '{model.name}' is not built: give its first layer an "
             "input shape (keras.Input(shape=...)) or call model.build(input_shape) first."
+        )
+    if fn is not None:
+        raise ConfigError(
+            f"Model '{model.name}' ({type(model).__name__}) overrides call(), so its functional graph need not be "
+            "what it computes and cannot be split safely. Use num_partitions=1 (pure data parallelism), or move "
+            "the extra computation into layers of the graph and drop the call() override."
         )
     raise ConfigError(
         f"Model '{model.name}' ({type(model).__name__}) is a subclassed model with no "
@@ -93,10 +117,10 @@ def _functional(model):
     )
 
 
-def _flops(layer, call_inputs, call_outputs, param_count) -> float:
+def _flops(layer, out_shapes, param_count) -> float:
     """Per-sample FLOPs estimate: 2 x MACs for layers with a kernel, else element count."""
-    out_elems = sum(int(np.prod([d or 1 for d in t.shape[1:]])) for t in call_outputs)
-    kernel = getattr(layer, "kernel", None) if hasattr(layer, "weights") else None
+    out_elems = sum(int(np.prod([d or 1 for d in s])) for s in out_shapes)
+    kernel = getattr(layer, "kernel", None) if weights_of(layer) else None
     if kernel is not None and hasattr(kernel, "shape") and len(kernel.shape) >= 2:
         k = int(np.prod(kernel.shape))
         if type(layer).__name__.startswith("Depthwise"):
@@ -107,8 +131,109 @@ def _flops(layer, call_inputs, call_outputs, param_count) -> float:
     return float(out_elems)
 
 
+@dataclass
+class _Site:
+    """A node reached through the nesting of models, before ordering."""
+
+    node: Any
+    prefix: str  # "outer/" for a node inside nested model "outer"
+    context: dict[str, Any]
+    args: list[tuple[int, Key]]  # (id of the node's KerasTensor argument, its tensor's key)
+    outs: list[Key]
+
+
+class _Expansion:
+    """The nodes of a functional model in Keras's order, each nested functional model's
+    nodes listed in place of its call. A nested model's inputs are identified with the
+    tensors passed at its call and the call's outputs with the inner outputs; a nested
+    model called twice is expanded twice (its layers then have two calls each)."""
+
+    def __init__(self, fn):
+        self.sites: list[_Site] = []
+        self.alias: dict[Key, Key] = {}
+        self.instances = 0
+        self.expanded: dict[int, int] = {}  # id(nested model) -> times expanded so far
+        self.walk(fn, 0, "", {})
+
+    def key(self, instance: int, t) -> Key:
+        k = (instance, id(t))
+        return self.alias.get(k, k)
+
+    def walk(self, fn, instance: int, prefix: str, context: dict[str, Any]) -> None:
+        by_depth = keras_compat.nodes_by_depth(fn)
+        for depth in sorted(by_depth, reverse=True):
+            for node in by_depth[depth]:
+                if node.operation is None or node.is_input:
+                    continue
+                args = [(id(t), self.key(instance, t)) for t in node.input_tensors]
+                inner = _expandable(node)
+                if inner is None:
+                    outs = [(instance, id(t)) for t in node.outputs]
+                    self.sites.append(_Site(node, prefix, context, args, outs))
+                    continue
+                model = node.operation
+                k = self.expanded.get(id(model), 0)
+                self.expanded[id(model)] = k + 1
+                self.instances += 1
+                sub = self.instances
+                for t, given in zip(inner.inputs, _call_inputs(node, inner)):
+                    self.alias[(sub, id(t))] = self.key(instance, given)
+                # Arguments given at the nested call (training=False, ...) hold for its whole inside.
+                kwargs = node.arguments.kwargs
+                explicit = {n: v for n, v in kwargs.items() if n not in ("inputs", "mask") and v is not None}
+                self.walk(inner, sub, f"{prefix}{model.name}{f'#{k}' if k else ''}/", {**context, **explicit})
+                for t, out in zip(node.outputs, inner.outputs):
+                    self.alias[(instance, id(t))] = self.key(sub, out)
+
+
+def _call_inputs(node, fn) -> list[Any]:
+    """The tensors a nested-model call passes, in the order of `fn.inputs`."""
+    import keras
+
+    args, kwargs = node.arguments.args, node.arguments.kwargs
+    given = args[0] if args else kwargs.get("inputs")
+    if isinstance(given, dict) and not isinstance(keras_compat.inputs_structure(fn), dict):
+        given = [given.get(t.name) for t in fn.inputs]
+    return keras.tree.flatten(given)
+
+
+def _expandable(node):
+    """The functional graph to expand a nested-model call into, or None to keep the call
+    whole: a layer, a subclassed model, or a call that Keras would adapt (an explicit
+    mask, extra positional arguments, inputs of another dtype or rank)."""
+    import keras
+
+    fn = keras_compat.plain_functional(node.operation)
+    masks = keras.tree.flatten(node.arguments.kwargs.get("mask"))
+    if fn is None or len(node.arguments.args) > 1 or any(m is not None for m in masks):
+        return None
+    given = _call_inputs(node, fn)
+    if len(given) != len(fn.inputs) or len(node.outputs) != len(fn.outputs):
+        return None
+    for g, t in zip(given, fn.inputs):
+        if not isinstance(g, keras.KerasTensor) or g.dtype != t.dtype or len(g.shape) != len(t.shape):
+            return None
+    return fn
+
+
+def _refined_shapes(site: _Site, arg_shapes: dict[int, tuple]) -> list[tuple] | None:
+    """Output shapes of a call whose inputs are known more precisely than when Keras built
+    it (a nested model built for any sequence length, called on a fixed-length input),
+    by Keras's own shape inference; None if that fails (the built shapes then stand)."""
+    import keras
+
+    dtypes = {id(t): t.dtype for t in site.node.input_tensors}
+    specs = {ref: keras.KerasTensor((None,) + arg_shapes[ref], dtype=dtypes[ref]) for ref, _ in site.args}
+    args, kwargs = site.node.arguments.fill_in(specs)
+    try:
+        out = keras.tree.flatten(site.node.operation.compute_output_spec(*args, **kwargs))
+    except Exception:  # shape inference only refines: on any failure the built shapes stand
+        return None
+    return [tuple(o.shape[1:]) for o in out] if len(out) == len(site.node.outputs) else None
+
+
 class ModelGraph:
-    """Layer calls of a functional model in a topological order, with costs.
+    """Calls of a functional model in a topological order, with costs.
 
     The order is depth-first from the inputs: of the calls a call makes ready, the one
     closest to an output goes first (an auxiliary head stays next to the layer feeding
@@ -120,119 +245,130 @@ class ModelGraph:
         self.model = model
         fn = _functional(model)
         self.functional = fn
-        by_depth = keras_compat.nodes_by_depth(fn)
-        nodes = [n for depth in sorted(by_depth, reverse=True) for n in by_depth[depth]]
-        keras_rank = {id(n): i for i, n in enumerate(nodes)}
-        nodes = [n for n in nodes if n.operation is not None and not n.is_input]
+        expansion = _Expansion(fn)
+        sites = expansion.sites
 
         self.tensors: list[TensorInfo] = []
-        self._tensor_of: dict[int, int] = {}  # id(KerasTensor) -> index
+        self._tensor_of: dict[Key, int] = {}
         for i, t in enumerate(fn.inputs):
-            self._add_tensor(t, producer=-1, model_input=i)
+            self._add_tensor(t, (0, id(t)), tuple(t.shape[1:]), producer=-1, model_input=i)
 
-        # Kahn's algorithm, LIFO among ready nodes (depth-first), Keras order as tie-break.
-        produced_by = {id(t): id(n) for n in nodes for t in n.outputs}
-        by_id = {id(n): n for n in nodes}
-        waiting = {}
+        # Kahn's algorithm, LIFO among ready sites (depth-first), Keras order as tie-break.
+        produced_by = {k: s for s, site in enumerate(sites) for k in site.outs}
+        waiting = []
         consumers_of: dict[int, list[int]] = {}
-        for n in nodes:
-            deps = {produced_by[id(t)] for t in n.input_tensors if id(t) in produced_by}
-            waiting[id(n)] = len(deps)
+        for s, site in enumerate(sites):
+            deps = {produced_by[k] for _, k in site.args if k in produced_by}
+            waiting.append(len(deps))
             for d in deps:
-                consumers_of.setdefault(d, []).append(id(n))
-        ready = [n for n in nodes if waiting[id(n)] == 0]
-        stack = sorted(ready, key=lambda n: -keras_rank[id(n)])
+                consumers_of.setdefault(d, []).append(s)
+        stack = sorted((s for s in range(len(sites)) if waiting[s] == 0), reverse=True)
         order = []
         while stack:
-            n = stack.pop()
-            order.append(n)
+            s = stack.pop()
+            order.append(sites[s])
             newly = []
-            for c in consumers_of.get(id(n), ()):
+            for c in consumers_of.get(s, ()):
                 waiting[c] -= 1
                 if waiting[c] == 0:
-                    newly.append(by_id[c])
-            stack.extend(sorted(newly, key=lambda m: keras_rank[id(m)]))
-        if len(order) != len(nodes):
+                    newly.append(c)
+            stack.extend(sorted(newly))
+        if len(order) != len(sites):
             raise ConfigError(f"Model '{model.name}': its graph has a cycle or a node that never becomes ready.")
 
         self.calls: list[LayerCall] = []
-        seen_layers: dict[int, int] = {}
-        call_count: dict[int, int] = {}
-        for idx, n in enumerate(order):
-            layer = n.operation
-            for t in n.input_tensors:
-                if id(t) not in self._tensor_of:
-                    raise ConfigError(
-                        f"Layer '{layer.name}' reads tensor '{t.name}', which is neither a model "
-                        "input nor produced inside the model. Models must be closed graphs."
-                    )
-            ins = tuple(dict.fromkeys(self._tensor_of[id(t)] for t in n.input_tensors))
-            outs = tuple(self._add_tensor(t, producer=idx, label=layer.name if len(n.outputs) == 1 else f"{layer.name}:{k}") for k, t in enumerate(n.outputs))
-            k = call_count.get(id(layer), 0)
-            call_count[id(layer)] = k + 1
-            first = id(layer) not in seen_layers
-            seen_layers.setdefault(id(layer), idx)
-            pbytes = sum(int(np.prod(w.shape)) * np_dtype(w.dtype).itemsize for w in layer.weights) if first else 0
-            pcount = sum(int(np.prod(w.shape)) for w in layer.weights)
-            self.calls.append(
-                LayerCall(
-                    index=idx,
-                    name=layer.name if k == 0 else f"{layer.name}#{k}",
-                    node=n,
-                    layer=layer,
-                    inputs=ins,
-                    outputs=outs,
-                    param_bytes=pbytes,
-                    act_bytes=sum(self.tensors[o].bytes_per_sample for o in outs),
-                    flops=_flops(layer, n.input_tensors, n.outputs, pcount),
-                )
-            )
-            for i in ins:
-                self.tensors[i].consumers.append(idx)
+        seen_layers: set[int] = set()
+        names: dict[str, int] = {}
+        for idx, site in enumerate(order):
+            self.calls.append(self._call(idx, site, names, first=id(site.node.operation) not in seen_layers))
+            seen_layers.add(id(site.node.operation))
 
-        self.output_tensors = [self._tensor_of[id(t)] for t in fn.outputs]
+        self.output_tensors = [self._tensor_of[expansion.key(0, t)] for t in fn.outputs]
         self.output_names = list(getattr(model, "output_names", None) or [t.name for t in fn.outputs])
         self.input_names = [t.name for t in fn.inputs]
-        # Positions after which a cut is allowed: calls of one layer stay in one stage.
-        span: dict[int, tuple[int, int]] = {}
-        for c in self.calls:
-            lo, hi = span.get(id(c.layer), (c.index, c.index))
-            span[id(c.layer)] = (min(lo, c.index), max(hi, c.index))
-        blocked = [0] * (len(self.calls) + 1)
-        for lo, hi in span.values():
-            if hi > lo:
-                blocked[lo] += 1
-                blocked[hi] -= 1
-        running, self.cuttable = 0, []
-        for i in range(len(self.calls)):
-            running += blocked[i]
-            self.cuttable.append(running == 0)  # may a stage end after call i?
+        self._add_masks()
 
-    def _add_tensor(self, t, producer: int, model_input: int = -1, label: str = "") -> int:
-        if id(t) in self._tensor_of:
-            return self._tensor_of[id(t)]
-        info = TensorInfo(
-            index=len(self.tensors),
-            ref=t,
-            shape=tuple(t.shape[1:]),
-            dtype=str(t.dtype),
-            producer=producer,
-            model_input=model_input,
-            label=label,
+    def _call(self, idx: int, site: _Site, names: dict[str, int], first: bool) -> LayerCall:
+        op = site.node.operation
+        for ref, k in site.args:
+            if k not in self._tensor_of:
+                t = next(t for t in site.node.input_tensors if id(t) == ref)
+                raise ConfigError(
+                    f"Layer '{site.prefix}{op.name}' reads tensor '{t.name}', which is neither a model "
+                    "input nor produced inside the model. Models must be closed graphs."
+                )
+        arg_shapes = {ref: self.tensors[self._tensor_of[k]].shape for ref, k in site.args}
+        shapes = [tuple(t.shape[1:]) for t in site.node.outputs]
+        if any(tuple(t.shape[1:]) != arg_shapes[id(t)] for t in site.node.input_tensors):
+            shapes = _refined_shapes(site, arg_shapes) or shapes
+        base = site.prefix + op.name
+        k = names.get(base, 0)
+        names[base] = k + 1
+        name = base if k == 0 else f"{base}#{k}"
+        single = len(site.outs) == 1
+        outs = tuple(
+            self._add_tensor(t, key, shape, producer=idx, label=name if single else f"{name}:{j}")
+            for j, (t, key, shape) in enumerate(zip(site.node.outputs, site.outs, shapes))
         )
+        ins = tuple(dict.fromkeys(self._tensor_of[k] for _, k in site.args))
+        for i in ins:
+            self.tensors[i].consumers.append(idx)
+        weights = weights_of(op)
+        return LayerCall(
+            index=idx,
+            name=name,
+            node=site.node,
+            layer=op,
+            inputs=ins,
+            outputs=outs,
+            param_bytes=sum(int(np.prod(w.shape)) * np_dtype(w.dtype).itemsize for w in weights) if first else 0,
+            act_bytes=sum(self.tensors[o].bytes_per_sample for o in outs),
+            flops=_flops(op, shapes, sum(int(np.prod(w.shape)) for w in weights)),
+            args=tuple((ref, self._tensor_of[k]) for ref, k in site.args),
+            context=site.context,
+        )
+
+    def _add_tensor(self, t, key: Key, shape: tuple, producer: int, model_input: int = -1, label: str = "") -> int:
+        if key in self._tensor_of:
+            return self._tensor_of[key]
+        info = TensorInfo(len(self.tensors), t, shape, str(t.dtype), producer, model_input=model_input, label=label)
         self.tensors.append(info)
-        self._tensor_of[id(t)] = info.index
+        self._tensor_of[key] = info.index
         return info.index
+
+    def _add_masks(self) -> None:
+        """A tensor of its own for the Keras mask of every tensor that carries one when the
+        model is built: it has the same producer and consumers, so it crosses exactly the
+        stage boundaries its tensor crosses. A mask's unknown dimensions are taken from the
+        leading dimensions of the tensor it masks (a (T,) mask for a (T, D) tensor)."""
+        for t in list(self.tensors):
+            m = keras_compat.get_keras_mask(t.ref)
+            if m is None or t.producer < 0 or not t.consumers:
+                continue
+            shape = tuple(t.shape[i] if d is None and i < len(t.shape) else d for i, d in enumerate(m.shape[1:]))
+            info = TensorInfo(
+                index=len(self.tensors),
+                ref=m,
+                shape=shape,
+                dtype=str(m.dtype),
+                producer=t.producer,
+                consumers=list(t.consumers),
+                label=f"{t.name}.mask",
+                mask_of=t.index,
+            )
+            t.mask = info.index
+            self.tensors.append(info)
 
     def __len__(self) -> int:
         return len(self.calls)
 
     @property
     def fingerprint(self) -> str:
-        """The structure: layer types, connections, weight shapes and dtypes."""
+        """The structure: call types, connections, weight shapes and dtypes, call contexts."""
         h = hashlib.sha256()
         for c in self.calls:
-            h.update(f"{type(c.layer).__name__}|{c.inputs}|{c.outputs}|{[(tuple(w.shape), str(w.dtype)) for w in c.layer.weights]}".encode())
+            weights = [(tuple(w.shape), str(w.dtype)) for w in weights_of(c.layer)]
+            h.update(f"{type(c.layer).__name__}|{c.inputs}|{c.outputs}|{weights}|{sorted(c.context.items())}".encode())
         return h.hexdigest()[:16]
 
     def set_costs(self, balance: str, sample_batch: int = 8) -> None:
@@ -255,7 +391,8 @@ class ModelGraph:
 
         Each call is timed at `batch` and at 4 x `batch` samples (best of 3); the
         difference is the cost that grows with the data, free of the fixed per-call
-        Python overhead that a compiled stage does not pay.
+        Python overhead that a compiled stage does not pay. The calls run in training
+        mode, so the variables they update (BatchNorm statistics, seeds) are restored.
         """
         import tensorflow as tf
 
@@ -274,9 +411,9 @@ class ModelGraph:
                 with tf.GradientTape() as tape:
                     floats = [v for v in feeds.values() if v.dtype.is_floating]
                     tape.watch(floats)
-                    outs = run_call(c, feeds, self.tensors, training=True)
+                    outs = run_call(c, feeds, training=True)
                     total = tf.add_n([tf.reduce_sum(tf.cast(o, tf.float32)) for o in outs.values()])
-                sources = floats + list(c.layer.trainable_weights)
+                sources = floats + list(getattr(c.layer, "trainable_weights", ()))
                 if sources:
                     tape.gradient(total, sources, unconnected_gradients="zero")
                 best = min(best, time.perf_counter() - t0)
@@ -285,86 +422,34 @@ class ModelGraph:
         small: dict[int, Any] = {}
         large: dict[int, Any] = {}
         times = []
+        saved = {id(v): (v, v.numpy()) for c in self.calls for v in getattr(c.layer, "variables", ())}
         for c in self.calls:
             t_small, out_small = timed(c, {i: small[i] if i in small else sample(self.tensors[i], batch) for i in c.inputs})
             t_large, out_large = timed(c, {i: large[i] if i in large else sample(self.tensors[i], 4 * batch) for i in c.inputs})
             small.update(out_small)
             large.update(out_large)
             times.append(max(t_large - t_small, 0.0) / 3.0)
+        for v, value in saved.values():
+            v.assign(value)
         return times
 
 
-def run_call(call: LayerCall, values: dict[int, Any], tensors: list[TensorInfo], training: bool) -> dict[int, Any]:
-    """Run one layer call; `values` maps tensor index -> value. Returns its outputs by index."""
+def run_call(call: LayerCall, values: dict[int, Any], training: bool) -> dict[int, Any]:
+    """Run one call; `values` maps tensor index -> value. Returns its outputs by index.
+
+    A call-context argument (`training`, ...) given explicitly where the layer is called
+    in the graph wins, then one given at an enclosing nested-model call (`base(x,
+    training=False)` keeps the base in inference mode), then the stage's `training`.
+    This is Keras's documented precedence (keras-team/keras#23364); Keras 3.15 itself
+    lets the outermost call's `training` override the explicit arguments.
+    """
     import keras
 
-    by_ref = {id(tensors[i].ref): values[i] for i in call.inputs}
-    args, kwargs = call.node.arguments.fill_in(by_ref)
-    if "training" in keras_compat.call_context_args(call.layer):
-        kwargs["training"] = training
+    args, kwargs = call.node.arguments.fill_in({ref: values[i] for ref, i in call.args})
+    for name in keras_compat.call_context_args(call.layer):
+        if kwargs.get(name) is None:
+            value = call.context.get(name, training if name == "training" else None)
+            if value is not None:
+                kwargs[name] = value
     out = keras.tree.flatten(call.layer(*args, **kwargs))
     return dict(zip(call.outputs, out))
-
-
-def balanced_cuts(costs: list[float], cuttable: list[bool], parts: int, memory: list[float] | None = None, memory_limit: float | None = None) -> list[int]:
-    """Stage start indices minimising the largest stage cost (contiguous stages).
-
-    Exact up to float resolution: bisection on the bottleneck value, each probe a
-    greedy feasibility test (furthest legal cut under both the cost and the memory
-    bound), which is optimal for contiguous partitions of positive weights.
-    """
-    n = len(costs)
-    units = []  # (start, end) runs that cannot be split
-    start = 0
-    for i in range(n):
-        if cuttable[i] or i == n - 1:
-            units.append((start, i + 1))
-            start = i + 1
-    if parts > len(units):
-        raise ConfigError(
-            f"Cannot split {n} layer calls into {parts} stages: only {len(units)} places can be cut "
-            "(calls of a shared layer must stay in one stage). Use fewer partitions."
-        )
-    ucost = [sum(costs[a:b]) for a, b in units]
-    umem = [sum(memory[a:b]) for a, b in units] if memory is not None else [0.0] * len(units)
-    cap = memory_limit if memory_limit is not None else math.inf
-    if max(umem) > cap:
-        raise ConfigError(f"memory_limit={memory_limit:.0f} bytes is below the largest single layer's estimate ({max(umem):.0f} bytes).")
-
-    def greedy(limit: float) -> list[int] | None:
-        starts, acc, mem = [0], 0.0, 0.0
-        for u, (c, m) in enumerate(zip(ucost, umem)):
-            if u > starts[-1] and (acc + c > limit or mem + m > cap):
-                starts.append(u)
-                acc, mem = 0.0, 0.0
-            if c > limit:
-                return None
-            acc, mem = acc + c, mem + m
-        return starts if len(starts) <= parts else None
-
-    lo, hi = max(ucost), sum(ucost)
-    if greedy(hi) is None:
-        raise ConfigError(f"No split into {parts} stages keeps every stage under memory_limit={memory_limit:.0f} bytes; use more partitions or a higher limit.")
-    for _ in range(100):
-        if hi - lo <= 1e-9 * hi:
-            break
-        mid = (lo + hi) / 2
-        if greedy(mid) is None:
-            lo = mid
-        else:
-            hi = mid
-    starts = greedy(hi)
-    # Fewer stages than asked: split the costliest multi-unit stages (never raises the max).
-    while len(starts) < parts:
-        bounds = starts + [len(units)]
-        sizes = [(sum(ucost[bounds[k] : bounds[k + 1]]), k) for k in range(len(starts)) if bounds[k + 1] - bounds[k] > 1]
-        _, k = max(sizes)
-        a, b = bounds[k], bounds[k + 1]
-        half, acc, cut = sum(ucost[a:b]) / 2, 0.0, a + 1
-        for u in range(a, b - 1):
-            acc += ucost[u]
-            cut = u + 1
-            if acc >= half:
-                break
-        starts = sorted(starts + [cut])
-    return [units[u][0] for u in starts]

@@ -2,7 +2,8 @@
 
 hyparflow needs a few things Keras 3 does not export: the nodes of a functional graph,
 the user's compile() arguments, Keras's own loss/metric resolution and reduction
-helpers, implicit masks, and per-layer loss lists. A Keras release that moves
+helpers, implicit masks, per-layer loss lists, and which nested models simply run
+their functional graph (so that the graph can be expanded in place). A Keras release that moves
 `keras.src` breaks only this module.
 """
 
@@ -25,11 +26,13 @@ __all__ = [
     "get_loss",
     "get_metric",
     "data_adapter",
+    "inputs_structure",
     "is_array_like",
     "is_default",
     "nodes_by_depth",
     "overridden_steps",
     "own_call_losses",
+    "plain_functional",
     "reduce_weighted_values",
     "regularization_losses",
     "set_keras_mask",
@@ -48,6 +51,28 @@ def functional_graph(model) -> Any | None:
     if hasattr(model, "_nodes_by_depth") and getattr(model, "outputs", None):
         return model
     return None
+
+
+def plain_functional(layer) -> Any | None:
+    """The functional graph of `layer` if calling it just runs that graph, else None.
+
+    True for functional models (keras_hub backbones and tasks included) and built
+    Sequential models that do not override call(); a subclass with its own call() may
+    compute something else than its graph, so it must be treated as one opaque layer.
+    """
+    import keras
+    from keras.src.models.functional import Functional
+
+    if isinstance(layer, keras.Sequential):
+        return functional_graph(layer) if type(layer).call is keras.Sequential.call else None
+    if isinstance(layer, Functional) and type(layer).call is Functional.call:
+        return layer
+    return None
+
+
+def inputs_structure(fn) -> Any:
+    """The nested structure (tensor, list or dict) a functional model's inputs were given in."""
+    return fn._inputs_struct
 
 
 def nodes_by_depth(fn) -> dict[int, list[Any]]:

@@ -5,18 +5,36 @@ Skip connections that jump over stages are sent directly from the producing stag
 every stage that consumes them (and their gradients straight back), never forwarded
 through the stages in between. Model inputs are read by each stage that uses them
 from its own copy of the data.
+
+A layer called in several stages (tied weights, e.g. a language model's input embedding
+reused for its logits) lives on each of them: `Plan.tied` lists its variables, whose
+gradients the engine sums over those stages. A tensor's Keras mask crosses a boundary as
+a tensor of its own and is attached again on the receiving stage.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import keras
+import numpy as np
+
 from hyparflow import keras_compat
 from hyparflow.errors import ConfigError
-from hyparflow.graph import COST_MODELS, TIME_PROFILE_MAX_CALLS, LayerCall, ModelGraph, TensorInfo, balanced_cuts, run_call
+from hyparflow.graph import (
+    COST_MODELS,
+    TIME_PROFILE_MAX_CALLS,
+    LayerCall,
+    ModelGraph,
+    TensorInfo,
+    np_dtype,
+    run_call,
+    weights_of,
+)
 
 # Estimated bytes held per parameter byte: weights, gradients and two optimizer slots.
 STATE_BYTES_PER_PARAM_BYTE = 4
@@ -34,6 +52,9 @@ class Stage:
     data_inputs: list[int] = field(default_factory=list)  # positions in model.inputs read here
     model_outputs: list[int] = field(default_factory=list)  # positions in model.outputs made here
     output_tensors: list[int] = field(default_factory=list, repr=False)
+    # Layers this stage shares with an earlier stage: their weight regularizers count there.
+    tied_earlier: set[int] = field(default_factory=set, repr=False)
+    _call_losses: list[Any] = field(default_factory=list, init=False, repr=False)
 
     @property
     def layers(self) -> list[str]:
@@ -45,7 +66,9 @@ class Stage:
 
     @property
     def param_bytes(self) -> int:
-        return sum(c.param_bytes for c in self.calls)
+        """Bytes of the weights held here (a tied layer counts on every stage holding it)."""
+        weights = {id(w): w for layer in self.unique_layers for w in weights_of(layer)}.values()
+        return sum(int(np.prod(w.shape)) * np_dtype(w.dtype).itemsize for w in weights)
 
     @property
     def inputs(self) -> list[TensorInfo]:
@@ -59,7 +82,8 @@ class Stage:
 
     @property
     def unique_layers(self) -> list[Any]:
-        return list({id(c.layer): c.layer for c in self.calls}.values())
+        """The layers called here, each once (plain ops such as `x + 1` are no layers)."""
+        return list({id(c.layer): c.layer for c in self.calls if isinstance(c.layer, keras.layers.Layer)}.values())
 
     @property
     def trainable_variables(self) -> list[Any]:
@@ -76,24 +100,47 @@ class Stage:
 
     @property
     def weight_losses(self) -> list[Any]:
-        """Weight regularizer losses: they depend on the weights only, not on the batch."""
-        return [loss for layer in self.unique_layers for loss in keras_compat.regularization_losses(layer)]
+        """Weight regularizer losses: they depend on the weights only, not on the batch.
+        A tied layer's count on the first stage holding it only."""
+        layers = [layer for layer in self.unique_layers if id(layer) not in self.tied_earlier]
+        return [loss for layer in layers for loss in keras_compat.regularization_losses(layer)]
 
     @property
     def call_losses(self) -> list[Any]:
         """Losses added during the last forward (activity regularizers, `add_loss` in call):
-        computed on that batch, so they add up over micro-batches."""
-        return [loss for layer in self.unique_layers for loss in keras_compat.own_call_losses(layer)]
+        computed on that batch, so they add up over micro-batches. Collected after every
+        call, as Keras clears a layer's losses when it is called again."""
+        return list(self._call_losses)
 
     def forward(self, feeds: dict[int, Any], training: bool) -> dict[int, Any]:
         """Run the stage. `feeds` maps tensor index -> value for its received boundary
-        tensors and its model inputs; returns values for every tensor it sends and every
-        model output it produces."""
-        values = dict(feeds)
-        for call in self.calls:
-            values.update(run_call(call, values, self.tensors, training))
+        tensors (masks included) and its model inputs; returns values for every tensor it
+        sends (masks included) and every model output it produces."""
+        values = self._run(feeds, training)
         wanted = [t for t, _ in self.send] + self.output_tensors
-        return {t: values[t] for t in wanted}
+        return {t: self._mask(values, t) if self.tensors[t].mask_of >= 0 else values[t] for t in wanted}
+
+    def _run(self, feeds: dict[int, Any], training: bool) -> dict[int, Any]:
+        """Attach the received masks to their tensors, run the calls; returns all values."""
+        values = dict(feeds)
+        for t in self.recv:
+            if self.tensors[t].mask_of >= 0:
+                keras_compat.set_keras_mask(values[self.tensors[t].mask_of], values[t])
+        self._call_losses = []
+        for call in self.calls:
+            values.update(run_call(call, values, training))
+            if isinstance(call.layer, keras.layers.Layer):
+                self._call_losses += keras_compat.own_call_losses(call.layer)
+        return values
+
+    def _mask(self, values: dict[int, Any], t: int) -> Any:
+        mask = keras_compat.get_keras_mask(values[self.tensors[t].mask_of])
+        if mask is None:
+            raise ConfigError(
+                f"Tensor '{self.tensors[self.tensors[t].mask_of].name}' had a Keras mask when the plan was made but "
+                "has none now; its mask cannot be sent to the next stage. Plan again for this model as it is now."
+            )
+        return mask
 
 
 def _unique_vars(variables) -> list[Any]:
@@ -136,6 +183,13 @@ class Plan:
             stage.output_tensors.append(t)
         for st in self.stages:
             st.data_inputs.sort()
+        first_holder: dict[int, int] = {}
+        for st in self.stages:
+            for layer in st.unique_layers:
+                if first_holder.setdefault(id(layer), st.index) != st.index:
+                    st.tied_earlier.add(id(layer))
+        if any(graph.tensors[t].mask_of >= 0 for t in self.boundary):
+            self._send_present_masks_only()
         for t in self.boundary:
             info = graph.tensors[t]
             if any(d is None for d in info.shape):
@@ -144,10 +198,39 @@ class Plan:
                     "between stages; give the model's Input layers full shapes, or choose cuts (balance=[...]) that avoid it."
                 )
 
+    def _send_present_masks_only(self) -> None:
+        """Keep only the boundary masks that their tensors still carry when the sending stage
+        ends. Keras builds masks symbolically, but at run time a layer may drop its inputs'
+        masks (MultiHeadAttention does), and what a later consumer sees depends on the calls
+        already run: one inference pass of the stages on a sample finds out."""
+        tensors = self.graph.tensors
+        values = {t.index: np.zeros((1, *(d or 1 for d in t.shape)), np_dtype(t.dtype)) for t in tensors if t.producer < 0}
+        for st in self.stages:
+            out = st._run({t: values[t] for t in st.recv + st.data_inputs}, training=False)
+            for t, _ in st.send:
+                values[t] = out[t] if tensors[t].mask_of < 0 else keras_compat.get_keras_mask(out[tensors[t].mask_of])
+            absent = {t for t, _ in st.send if values[t] is None}
+            st.send = [(t, d) for t, d in st.send if t not in absent]
+            for later in self.stages[st.index + 1 :]:
+                later.recv = [t for t in later.recv if t not in absent]
+
     @property
     def boundary(self) -> list[int]:
         """Tensors that cross a stage boundary, in a fixed order (their message tags)."""
         return sorted({t for st in self.stages for t, _ in st.send})
+
+    @property
+    def tied(self) -> list[tuple[Any, list[int]]]:
+        """(variable, sorted stage indices) for every variable held by more than one stage:
+        the layers it belongs to are called on each of those stages. The engine sums a tied
+        trainable variable's gradients over its stages before the optimizer step, so the
+        copies stay equal; a tied non-trainable variable (statistics of a normalization
+        layer called on several stages) is updated by each stage's own calls."""
+        holders: dict[int, tuple[Any, list[int]]] = {}
+        for st in self.stages:
+            for v in st.variables:
+                holders.setdefault(id(v), (v, []))[1].append(st.index)
+        return [(v, stages) for v, stages in holders.values() if len(stages) > 1]
 
     @property
     def num_partitions(self) -> int:
@@ -163,26 +246,37 @@ class Plan:
 
     def forward(self, inputs: Sequence[Any], training: bool = False) -> list[Any]:
         """Run the stages one after another in this process; returns the model outputs.
-        A reference for tests and debugging: the result must equal `model(inputs)`."""
+        A reference for tests and debugging: the result must equal `model(inputs)`. Each
+        stage receives fresh copies of its boundary tensors, bare as from the network."""
         values = {self.graph.tensors[i].index: x for i, x in enumerate(inputs)}
         for st in self.stages:
-            feeds = {t: values[t] for t in st.recv}
+            feeds = {t: keras.ops.copy(values[t]) for t in st.recv}
             feeds.update({i: values[i] for i in st.data_inputs})
             values.update(st.forward(feeds, training))
         return [values[t] for t in self.graph.output_tensors]
 
     def __str__(self) -> str:
         rows = [f"Plan: {len(self.graph)} layer calls in {self.num_partitions} stages (balance={self.balance})"]
-        head = f"{'stage':>5} {'layers':>6}  {'first .. last':<40} {'cost':>10} {'params':>10}  in / out"
+        spans = [f"{s.layers[0]} .. {s.layers[-1]}" for s in self.stages]
+        width = min(max(40, *map(len, spans)), 90)  # nested models make long names ("resnet50/conv1_conv")
+        head = f"{'stage':>5} {'layers':>6}  {'first .. last':<{width}} {'cost':>10} {'params':>10}  in / out"
         rows += [head, "-" * len(head)]
         total = sum(s.cost for s in self.stages) or 1.0
-        for s in self.stages:
-            span = f"{s.layers[0]} .. {s.layers[-1]}"
+        for s, span in zip(self.stages, spans):
             ins = ", ".join(f"{t.name}{list(t.shape)}" for t in s.inputs) or "-"
             outs = ", ".join(f"{self.graph.tensors[t].name}->{d}" for t, d in s.send) or "-"
             if s.model_outputs:
                 outs += " | outputs: " + ", ".join(self.graph.output_names[i] for i in s.model_outputs)
-            rows.append(f"{s.index:>5} {len(s.calls):>6}  {span[:40]:<40} {100 * s.cost / total:>9.1f}% {_human(s.param_bytes):>10}  {ins} / {outs}")
+            cost = f"{100 * s.cost / total:>9.1f}%"
+            row = f"{s.index:>5} {len(s.calls):>6}  {span[:width]:<{width}} {cost} {_human(s.param_bytes):>10}"
+            rows.append(f"{row}  {ins} / {outs}")
+        holders: dict[int, tuple[str, set[int]]] = {}
+        for st in self.stages:
+            for c in st.calls:
+                holders.setdefault(id(c.layer), (c.name, set()))[1].add(st.index)
+        tied = [f"{name} {sorted(stages)}" for name, stages in holders.values() if len(stages) > 1]
+        if tied:
+            rows.append("tied layers (on several stages, their gradients summed): " + ", ".join(tied))
         return "\n".join(rows)
 
     __repr__ = __str__
@@ -222,7 +316,7 @@ def plan(
     if isinstance(balance, str):
         graph.set_costs(balance)
         memory = [c.param_bytes * STATE_BYTES_PER_PARAM_BYTE + c.act_bytes * microbatch_size for c in graph.calls]
-        starts = balanced_cuts([c.cost for c in graph.calls], graph.cuttable, num_partitions, memory, memory_limit)
+        starts = balanced_cuts([c.cost for c in graph.calls], num_partitions, memory, memory_limit)
         return Plan(graph, starts, balance)
     graph.set_costs("flops")
     balance = list(balance)
@@ -232,12 +326,6 @@ def plan(
         starts = _starts_from_names(graph, balance, num_partitions)
     else:
         raise ConfigError(f"balance={balance!r}: a list must hold only layer counts (int) or only layer names (str); cost models are {COST_MODELS}.")
-    for s in starts[1:]:
-        if not graph.cuttable[s - 1]:
-            raise ConfigError(
-                f"A stage boundary after '{graph.calls[s - 1].name}' would split the calls of a shared layer "
-                "across stages; move the cut so that every call of a shared layer is in one stage."
-            )
     return Plan(graph, starts, "explicit")
 
 
@@ -269,4 +357,66 @@ def _starts_from_names(graph: ModelGraph, names: list[str], parts: int) -> list[
         starts.append(where[name] + 1)
     if any(b <= a for a, b in zip(starts, starts[1:])) or starts[-1] >= len(graph):
         raise ConfigError(f"balance={names}: cut-after layers must be in graph order and leave every stage at least one layer.")
+    return starts
+
+
+def balanced_cuts(
+    costs: list[float],
+    parts: int,
+    memory: list[float] | None = None,
+    memory_limit: float | None = None,
+) -> list[int]:
+    """Stage start indices minimising the largest stage cost (contiguous stages).
+
+    Exact up to float resolution: bisection on the bottleneck value, each probe a
+    greedy feasibility test (furthest legal cut under both the cost and the memory
+    bound), which is optimal for contiguous partitions of positive weights.
+    """
+    n = len(costs)
+    if parts > n:
+        raise ConfigError(f"Cannot split {n} layer calls into {parts} stages; use at most {n} partitions.")
+    mem = memory if memory is not None else [0.0] * n
+    cap = memory_limit if memory_limit is not None else math.inf
+    if max(mem) > cap:
+        raise ConfigError(
+            f"memory_limit={memory_limit:.0f} bytes is below the largest single layer's estimate ({max(mem):.0f} bytes).",
+        )
+
+    def greedy(limit: float) -> list[int] | None:
+        starts, acc, used = [0], 0.0, 0.0
+        for i, (c, m) in enumerate(zip(costs, mem)):
+            if i > starts[-1] and (acc + c > limit or used + m > cap):
+                starts.append(i)
+                acc, used = 0.0, 0.0
+            if c > limit:
+                return None
+            acc, used = acc + c, used + m
+        return starts if len(starts) <= parts else None
+
+    lo, hi = max(costs), sum(costs)
+    if greedy(hi) is None:
+        limit = f"memory_limit={memory_limit:.0f} bytes"
+        raise ConfigError(f"No split into {parts} stages keeps every stage under {limit}; use more partitions or a higher limit.")
+    for _ in range(100):
+        if hi - lo <= 1e-9 * hi:
+            break
+        mid = (lo + hi) / 2
+        if greedy(mid) is None:
+            lo = mid
+        else:
+            hi = mid
+    starts = greedy(hi)
+    # Fewer stages than asked: split the costliest multi-call stages (never raises the max).
+    while len(starts) < parts:
+        bounds = starts + [n]
+        splittable = [k for k in range(len(starts)) if bounds[k + 1] - bounds[k] > 1]
+        _, k = max((sum(costs[bounds[k] : bounds[k + 1]]), k) for k in splittable)
+        a, b = bounds[k], bounds[k + 1]
+        half, acc, cut = sum(costs[a:b]) / 2, 0.0, a + 1
+        for i in range(a, b - 1):
+            acc += costs[i]
+            cut = i + 1
+            if acc >= half:
+                break
+        starts = sorted(starts + [cut])
     return starts

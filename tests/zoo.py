@@ -111,7 +111,103 @@ def int_boundary(seed=0):
     return keras.Model(ids, layers.Dense(3, name="out")(x), name="int_boundary")
 
 
-ZOO = {f.__name__: f for f in (mlp, resnet_bn, densenet, multi_io, shared, nested, sequential, int_boundary)}
+def ops_graph(seed=0):
+    """Plain ops between the layers (`x + 3.0`, `x * y`, ops.mean, ops.concatenate, ...):
+    graph nodes that are no layers, on both sides of every cut."""
+    keras.utils.set_random_seed(seed)
+    a = keras.Input((6,), name="a")
+    b = keras.Input((6,), name="b")
+    x = layers.Dense(8)(a) + 3.0
+    y = layers.Dense(8)(b) * x
+    z = ops.concatenate([x, y, ops.mean(y, axis=-1, keepdims=True)], axis=-1)
+    z = layers.Dense(8)(ops.tanh(z))
+    z = z * ops.sigmoid(z) - ops.mean(z, axis=-1, keepdims=True)
+    return keras.Model([a, b], layers.Dense(3, name="out")(z), name="ops_graph")
+
+
+def nested_deep(seed=0):
+    """A functional block (with BatchNorm) nested in another nested model and also called at
+    the top with training=False, beside a nested Sequential with Dropout."""
+    keras.utils.set_random_seed(seed)
+    i = keras.Input((8,))
+    normalized = layers.BatchNormalization()(layers.Dense(8)(i))
+    block = keras.Model(i, layers.Dense(8, activation="tanh")(normalized), name="block")
+    j = keras.Input((8,))
+    middle = keras.Model(j, block(layers.Dense(8)(j)) + j, name="middle")
+    seq = keras.Sequential(
+        [keras.Input((8,)), layers.Dense(8, activation="relu"), layers.Dropout(0.3), layers.Dense(8)],
+        name="seq",
+    )
+    inp = keras.Input((6,), name="x")
+    x = middle(layers.Dense(8)(inp))
+    x = seq(block(x, training=False))
+    return keras.Model(inp, layers.Dense(3, name="out")(x), name="nested_deep")
+
+
+ZOO_MODELS = (mlp, resnet_bn, densenet, multi_io, shared, nested, sequential, int_boundary, ops_graph, nested_deep)
+ZOO = {f.__name__: f for f in ZOO_MODELS}
+
+
+# ---- sequence models: their int inputs are padded token ids (see padded_tokens) ------------
+def masked_seq(seed=0, length=7, vocab=20):
+    """Keras implicit masks: Embedding(mask_zero=True) -> LSTM -> MultiHeadAttention -> GRU."""
+    keras.utils.set_random_seed(seed)
+    ids = keras.Input((length,), dtype="int32", name="ids")
+    x = layers.Embedding(vocab, 8, mask_zero=True)(ids)
+    x = layers.LSTM(8, return_sequences=True)(x)
+    x = layers.Dense(8)(x)
+    x = layers.Add()([x, layers.MultiHeadAttention(2, 4)(x, x)])
+    x = layers.GRU(8)(x)
+    return keras.Model(ids, layers.Dense(3, name="out")(x), name="masked_seq")
+
+
+def tied_lm(seed=0, length=8, vocab=30):
+    """A keras_hub decoder-only language model whose logits reuse its input embedding
+    (ReversibleEmbedding called with reverse=True): weight tying across the model."""
+    import keras_hub
+
+    keras.utils.set_random_seed(seed)
+    ids = keras.Input((length,), dtype="int32", name="token_ids")
+    pad = keras.Input((length,), dtype="int32", name="padding_mask")
+    l2 = keras.regularizers.l2(1e-3)
+    emb = keras_hub.layers.ReversibleEmbedding(vocab, 16, embeddings_regularizer=l2, name="tied_embedding")
+    x = emb(ids)
+    x = x + keras_hub.layers.PositionEmbedding(length)(x)
+    for _ in range(2):
+        x = keras_hub.layers.TransformerDecoder(32, 2)(x, decoder_padding_mask=pad)
+    x = layers.LayerNormalization()(x)
+    return keras.Model([ids, pad], emb(x, reverse=True), name="tied_lm")
+
+
+def hub_causal_lm(seed=0, length=8, vocab=30):
+    """A keras_hub task model (GPT2CausalLM: a backbone nested in a task whose logits reuse
+    the backbone's token embedding), built for any length and called on fixed-length inputs."""
+    import keras_hub
+
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=vocab,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=length,
+    )
+    lm = keras_hub.models.GPT2CausalLM(backbone, preprocessor=None)
+    ids = keras.Input((length,), dtype="int32", name="token_ids")
+    pad = keras.Input((length,), dtype="int32", name="padding_mask")
+    return keras.Model([ids, pad], lm({"token_ids": ids, "padding_mask": pad}), name="hub_causal_lm")
+
+
+def padded_tokens(model, n: int, seed: int = 0) -> list[np.ndarray]:
+    """Token ids padded with zeros after a random length, and a padding mask when the model
+    takes one (its second input)."""
+    rng = np.random.default_rng(seed)
+    length = int(model.inputs[0].shape[1])
+    lengths = rng.integers(1, length + 1, n)
+    keep = np.arange(length)[None, :] < lengths[:, None]
+    ids = (rng.integers(1, 20, (n, length)) * keep).astype("int32")
+    return [ids, keep.astype("int32")][: len(model.inputs)]
 
 
 def sample_inputs(model, n: int, seed: int = 0) -> list[np.ndarray]:
