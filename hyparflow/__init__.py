@@ -4,8 +4,13 @@ __version__ = "0.1.0"
 
 from hyparflow.placement import configure_threads
 
-# Before TensorFlow starts: each rank takes its share of the node's cores.
+# Before TensorFlow starts: each rank takes its share of the node's cores, and
+# TensorFlow's start-up lines stay off the console.
 configure_threads()
+
+from hyparflow.console import import_tensorflow_quietly  # noqa: E402
+
+import_tensorflow_quietly()
 
 from hyparflow import failures  # noqa: E402
 

@@ -64,7 +64,7 @@ def train_from_config(cfg: dict[str, Any]) -> dict[str, float]:
         resume=bool(ckpt.get("resume", True)),
         **grid,
     )
-    logs = hf.evaluate(model, xv, yv, batch_size=cfg["batch_size"], return_dict=True, **grid)
+    logs = hf.evaluate(model, xv, yv, batch_size=cfg["batch_size"], verbose=0, return_dict=True, **grid)
     if rank == 0:
         print(f"final test accuracy: {logs.get('accuracy', float('nan')):.4f}  test loss: {logs['loss']:.4f}", flush=True)
     return logs
