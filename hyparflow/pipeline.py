@@ -56,14 +56,14 @@ class MicroBatch:
     size: int
     inputs: list[np.ndarray]  # the stage's model inputs, in stage.data_inputs order
     targets: list[np.ndarray]  # for the stage's model outputs, in stage.model_outputs order
-    weights: list[np.ndarray]  # sample weights, likewise
+    weights: list[np.ndarray | None]  # sample weights, likewise (None: unweighted)
 
 
 @dataclass
 class StepNorm:
     """Normalisers that make micro-batch losses add up to the global-batch loss."""
 
-    divisors: np.ndarray  # per model output: global sample count, or sum of sample weights
+    divisors: np.ndarray  # per model output: Objective.divisors of the global batch
     reg_scale: float  # 1 / micro-batches run by all replicas of a stage this step (weight regularizers count once)
     count: int  # samples in the global batch: call-time losses (activity regularizers) are per-sample means
 
@@ -226,7 +226,7 @@ class StageRunner:
             recv_vals,
             [tf.convert_to_tensor(x) for x in mb.inputs],
             [tf.convert_to_tensor(y) for y in mb.targets],
-            [tf.convert_to_tensor(w) for w in mb.weights],
+            [None if w is None else tf.convert_to_tensor(w) for w in mb.weights],
         )
 
     # ---- a training step -------------------------------------------------------

@@ -68,13 +68,14 @@ class Data:
 
     x: list[np.ndarray]
     y: list[np.ndarray | None]
-    sw: list[np.ndarray]
+    sw: list[np.ndarray | None]  # None: no sample weights for that output (as Keras's None)
 
     def __len__(self) -> int:
         return len(self.x[0])
 
     def take(self, idx: np.ndarray) -> Data:
-        return Data([a[idx] for a in self.x], [None if a is None else a[idx] for a in self.y], [a[idx] for a in self.sw])
+        rows = lambda arrays: [None if a is None else a[idx] for a in arrays]  # noqa: E731
+        return Data(rows(self.x), rows(self.y), rows(self.sw))
 
 
 def _prepare(graph: ModelGraph, x, y, sample_weight, class_weight, with_targets: bool) -> Data:
@@ -104,7 +105,7 @@ def _prepare(graph: ModelGraph, x, y, sample_weight, class_weight, with_targets:
             raise ConfigError(f"class_weight has no weight for classes {missing}.")
         cw = np.array([class_weight[int(c)] for c in labels], np.float32)
         sws = [cw if s is None else s * cw for s in sws]
-    sws = [np.ones(n, np.float32) if s is None else s.astype(np.float32) for s in sws]
+    sws = [None if s is None else s.astype(np.float32) for s in sws]
     return Data(xs, ys, sws)
 
 
@@ -295,15 +296,11 @@ class Session:
                 size=len(p),
                 inputs=[data.x[i][p] for i in st.data_inputs],
                 targets=[np.zeros(len(p), np.float32) if data.y[o] is None else data.y[o][p] for o in st.model_outputs],
-                weights=[data.sw[o][p] for o in st.model_outputs],
+                weights=[None if data.sw[o] is None else data.sw[o][p] for o in st.model_outputs],
             )
             for p in parts
         ]
-        kinds = self.objective.divisor_kinds
-        divisors = np.array(
-            [len(idx) if k == "count" else float(data.sw[o][idx].sum()) if k == "weights" else 1.0 for o, k in enumerate(kinds)],
-            np.float32,
-        )
+        divisors = self.objective.divisors(data.x, data.y, data.sw, idx)
         total_micro = sum(min(self.M, len(s)) for s in shares)
         return micro, StepNorm(divisors, 1.0 / max(total_micro, 1), len(idx))
 
