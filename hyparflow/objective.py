@@ -64,7 +64,7 @@ def _per_output(spec, names: list[str], what: str) -> list[Any]:
     return [spec] * len(names)
 
 
-def _mask_model(inputs, output, name: str, sample: list[np.ndarray], runtime) -> Any:
+def _mask_model(inputs, output, name: str, sample, runtime) -> Any:
     """A Keras model computing the mask of output `output` from the model inputs.
 
     Built from the graph's symbolic mask and checked against `runtime`, the mask Keras's
@@ -135,11 +135,9 @@ class Objective:
                 for ident in group if isinstance(group, (list, tuple)) else ([group] if group is not None else []):
                     if y is None:
                         continue
-                    m = get_metric(ident, y, spec)
-                    if multi:
-                        m.name = f"{output_names[pos]}_{m.name}"
-                    found.append((m, weighted))
+                    found.append((get_metric(ident, y, spec), weighted))
             self.metrics.append(found)
+        self._name_metrics(multi)
         self.reductions = [None if fn is None else (fn.reduction or "none") for fn in self.losses]
         for fn, red in zip(self.losses, self.reductions):
             if fn is not None and red not in _REDUCTIONS:
@@ -163,7 +161,7 @@ class Objective:
         found = [None] * len(self.losses)
         if not any(self.counted) or not _symbolic_masks(self.model):
             return found
-        sample = [x[:2] for x in xs]
+        sample = [x[:2] for x in xs] if len(xs) > 1 else xs[0][:2]  # as Keras's structure for one input
         preds = keras.tree.flatten(self.model(sample, training=False))
         inputs = functional_graph(self.model).inputs
         for pos, (pred, spec, name) in enumerate(zip(preds, self.pred_specs, self.names)):
@@ -173,6 +171,27 @@ class Objective:
             found[pos] = _mask_model(inputs, spec, name, sample, runtime)
         return found
 
+    def _name_metrics(self, multi: bool) -> None:
+        """Give metrics the names Keras logs them under (CompileMetrics.result): the
+        output's name first with several outputs; a repeated name gets `_1`, `_2`, ...,
+        or, for a weighted metric, the prefix `weighted_` first."""
+        seen: dict[str, int] = {}
+        for weighted in (False, True):
+            for name, ms in zip(self.names, self.metrics):
+                for m, w in ms:
+                    if w != weighted:
+                        continue
+                    prefix = f"{name}_" if multi else ""
+                    full = prefix + m.name
+                    if full in seen and weighted:
+                        full = f"{prefix}weighted_{m.name}"
+                    if full in seen:
+                        seen[full] += 1
+                        full = f"{full}_{seen[full] - 1}"
+                    else:
+                        seen[full] = 1
+                    m.name = full
+
     # ---- normalisation ---------------------------------------------------------
     def _global_mask(self, pos: int, xs: list[np.ndarray], y: np.ndarray | None) -> np.ndarray | None:
         """The mask Keras's loss would use for output `pos` on the global batch (inputs
@@ -181,7 +200,7 @@ class Objective:
         if self.mask_models is None:
             self.mask_models = self._find_masks(xs)
         if self.mask_models[pos] is not None:
-            mask = np.asarray(self.mask_models[pos](xs, training=False))
+            mask = np.asarray(self.mask_models[pos](xs if len(xs) > 1 else xs[0], training=False))
         if self.ignore_class[pos] is not None:
             labels = y[..., 0] if y.ndim == self.pred_ranks[pos] and y.shape[-1] == 1 else y
             valid = labels != self.ignore_class[pos]
