@@ -94,3 +94,14 @@ def seq2seq_data(n, seed=0):
     tgt = rng.integers(1, VOCAB, (n, SEQ)).astype("int32")
     tgt *= np.arange(SEQ)[None, :] < rng.integers(2, SEQ + 1, n)[:, None]
     return [src, tgt[:, :-1]], tgt[:, 1:]
+
+
+def saturated_softmax(seed=0):
+    """A softmax head whose probabilities saturate: crossentropy with from_logits=False
+    must use the logits behind it (`_keras_logits`), or the clipped loss is far off."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((4,), name="x")
+    h = layers.Dense(8, activation="tanh", name="h1")(inp)
+    h = layers.Dense(8, activation="tanh", name="h2")(h)
+    init = keras.initializers.RandomNormal(stddev=40.0, seed=seed)
+    return keras.Model(inp, layers.Dense(5, activation="softmax", kernel_initializer=init, name="probs")(h))

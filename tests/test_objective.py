@@ -169,18 +169,8 @@ def test_metrics_per_token_and_iou_equal_keras():
         assert v == pytest.approx(ref[k], rel=1e-6), k
 
 
-def saturated_softmax():
-    """A softmax head whose probabilities saturate: Keras's crossentropy must use the
-    logits behind it (`_keras_logits`), or the clipped loss is far off."""
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((4,), name="x")
-    h = layers.Dense(8, activation="tanh")(inp)
-    out = layers.Dense(5, activation="softmax", kernel_initializer=keras.initializers.RandomNormal(stddev=40.0))(h)
-    return keras.Model(inp, out)
-
-
 def test_softmax_output_keeps_its_logits():
-    model = saturated_softmax()
+    model = losszoo.saturated_softmax()
     model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=False))
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((N, 4)).astype("float32"), rng.integers(0, 5, N)
@@ -194,8 +184,8 @@ def test_late_stage_output_keeps_keras_logits():
     """The output of a stage after a cut still carries `_keras_logits`, eagerly and traced."""
     from hyparflow.partition import plan
 
-    model = saturated_softmax()
-    p = plan(model, 2, balance=[1, 1])
+    model = losszoo.saturated_softmax()
+    p = plan(model, 2, balance=[1, 2])
     x = tf.constant(np.ones((2, 4), "float32"))
     assert hasattr(p.forward([x])[0], "_keras_logits")
     traced = tf.function(lambda v: tf.constant(hasattr(p.forward([v])[0], "_keras_logits")))
