@@ -94,7 +94,7 @@ def _prepare(graph: ModelGraph, x, y, sample_weight, class_weight, with_targets:
             raise ConfigError(f"y for output '{name}' has {len(a)} samples but x has {n}.")
     for name, a in zip(graph.output_names, sws):
         if a is not None and (a.ndim < 1 or len(a) != n):
-            raise ConfigError(f"sample_weight for output '{name}' has shape {a.shape}; expected ({n},).")
+            raise ConfigError(f"sample_weight for output '{name}' has shape {a.shape}; expected ({n}, ...): one row per sample.")
     if class_weight is not None:
         if len(graph.output_names) != 1:
             raise ConfigError("class_weight works for single-output models only (as in Keras); use sample_weight per output.")

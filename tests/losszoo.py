@@ -21,11 +21,23 @@ class PadMask(layers.Layer):
         return ops.not_equal(inputs[1], 0)
 
 
-def causal_lm(seed=0, mask="zero"):
+class Penalty(layers.Layer):
+    """Adds a per-element mean penalty on its input with add_loss (a batch mean, as hyparflow assumes)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+
+    def call(self, x):
+        self.add_loss(0.1 * ops.mean(ops.square(x)))
+        return x
+
+
+def causal_lm(seed=0, mask="zero", penalty=False):
     """Embedding + causal self-attention + dense stack -> logits (batch, SEQ, VOCAB).
     mask="zero": padding id 0 masks via Embedding(mask_zero=True); "explicit": an int
     input 'pad' masks the logits at the end (so no mask crosses a stage boundary);
-    None: unmasked (padding left to sample weights)."""
+    None: unmasked (padding left to sample weights). penalty: an add_loss layer inside."""
     keras.utils.set_random_seed(seed)
     ids = keras.Input((SEQ,), dtype="int32", name="ids")
     inputs = [ids]
@@ -33,6 +45,8 @@ def causal_lm(seed=0, mask="zero"):
     x = layers.MultiHeadAttention(2, 4, name="attn")(x, x, use_causal_mask=True)
     x = layers.LayerNormalization(name="norm")(x)
     x = layers.Dense(16, activation="relu", name="ff1")(x)
+    if penalty:
+        x = Penalty(name="penalty")(x)
     x = layers.Dense(8, activation="tanh", name="ff2")(x)
     out = layers.Dense(VOCAB, name="logits")(x)
     if mask == "explicit":

@@ -49,13 +49,13 @@ def test_equals_plain_keras_on_four_ranks(results, case):
     assert sorted(r["history"]) == sorted(r["ref_history"])
 
 
-@pytest.mark.parametrize("padding", ["mask_zero", "temporal weights"])
+@pytest.mark.parametrize("padding", ["mask_zero", "temporal weights", "mask_zero and add_loss"])
 def test_causal_lm_in_one_process(padding):
     """P=1, three uneven micro-batches per step: each holds a different number of tokens."""
-    mask = "zero" if padding == "mask_zero" else None
+    mask = None if padding == "temporal weights" else "zero"
 
     def build():
-        model = z.causal_lm(mask=mask)
+        model = z.causal_lm(mask=mask, penalty="add_loss" in padding)
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         model.compile(keras.optimizers.SGD(0.5), loss, metrics=["accuracy"], weighted_metrics=["accuracy"])
         return model

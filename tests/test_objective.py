@@ -221,3 +221,17 @@ def test_mask_that_depends_on_weights_is_refused():
     # reduction="sum" does not divide by a count: fine
     model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(True, reduction="sum"))
     assert _ours(model, [x], [y], [None]) == pytest.approx(_keras(model, [x], y, None), rel=1e-5)
+
+
+def test_mask_lost_before_the_loss_is_refused():
+    """A mask counted on the host but missing where the loss is traced (as when it would
+    have to cross a stage boundary) is refused, not silently ignored. Raised while
+    tracing, it reaches the caller wrapped by autograph (a StagingError), message kept."""
+    model = losszoo.causal_lm(mask="zero")
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(True))
+    x, y, _ = losszoo.lm_data(N)
+    obj = _objective(model, [y])
+    divisors = tf.constant(obj.divisors([x], [y], [None], np.arange(N)), tf.float32)
+    traced = tf.function(lambda v: obj.stage_loss([0], [tf.constant(y)], [tf.identity(model(v))], [None], divisors))
+    with pytest.raises(Exception, match="does not reach the stage"):
+        traced(tf.constant(x))
