@@ -235,3 +235,26 @@ def test_mask_lost_before_the_loss_is_refused():
     traced = tf.function(lambda v: obj.stage_loss([0], [tf.constant(y)], [tf.identity(model(v))], [None], divisors))
     with pytest.raises(Exception, match="does not reach the stage"):
         traced(tf.constant(x))
+
+
+def test_metrics_on_a_subset_of_outputs_named_as_keras_logs_them():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((5,), name="x")
+    h = layers.Dense(8, activation="tanh")(inp)
+    tok = layers.Dense(5, name="tok")(layers.Reshape((4, 2))(layers.Dense(8)(h)))
+    model = keras.Model(inp, [layers.Dense(3, name="cls")(h), tok])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile("sgd", [loss, loss], metrics={"tok": ["accuracy", "accuracy"]}, weighted_metrics={"tok": ["accuracy"]})
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((N, 5)).astype("float32")
+    ys = [rng.integers(0, 3, N), rng.integers(0, 5, (N, 4))]
+    sw = rng.uniform(0, 2, (N, 4)).astype("float32")
+    obj = _objective(model, ys)
+    for part in np.array_split(np.arange(N), 3):
+        preds = model(x[part])
+        obj.update_metrics([0, 1], [tf.constant(y[part]) for y in ys], preds, [None, tf.constant(sw[part])])
+    ours = obj.metric_results(obj.metric_state([0, 1]))
+    ref = model.evaluate(x, ys, sample_weight=[np.ones(N, "float32"), sw], batch_size=N, return_dict=True, verbose=0)
+    assert sorted(ours) == ["tok_accuracy", "tok_accuracy_1", "tok_weighted_accuracy"]
+    for k, v in ours.items():
+        assert v == pytest.approx(ref[k], rel=1e-6), k
