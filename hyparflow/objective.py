@@ -157,11 +157,11 @@ class Objective:
 
     def _find_masks(self, xs: list[np.ndarray]) -> list[Any]:
         """Per output, a model recomputing the mask Keras's loss sees from the inputs, or
-        None. Which outputs Keras masks is seen by running the model on two samples `xs`."""
+        None. Which outputs Keras masks is seen by running the model on a few samples `xs`."""
         found = [None] * len(self.losses)
         if not any(self.counted) or not _symbolic_masks(self.model):
             return found
-        sample = [x[:2] for x in xs] if len(xs) > 1 else xs[0][:2]  # as Keras's structure for one input
+        sample = xs if len(xs) > 1 else xs[0]  # Keras's structure for one input
         preds = keras.tree.flatten(self.model(sample, training=False))
         inputs = functional_graph(self.model).inputs
         for pos, (pred, spec, name) in enumerate(zip(preds, self.pred_specs, self.names)):
@@ -193,16 +193,18 @@ class Objective:
                     m.name = full
 
     # ---- normalisation ---------------------------------------------------------
-    def _global_mask(self, pos: int, xs: list[np.ndarray], y: np.ndarray | None) -> np.ndarray | None:
-        """The mask Keras's loss would use for output `pos` on the global batch (inputs
-        `xs`, targets `y`), or None."""
-        mask = None
+    def _global_mask(self, pos: int, xs: list[np.ndarray], y: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
+        """The mask Keras's loss would use for output `pos` on the global batch `idx` of
+        inputs `xs` and this output's targets `y`, or None."""
         if self.mask_models is None:
-            self.mask_models = self._find_masks(xs)
+            self.mask_models = self._find_masks([x[idx[:2]] for x in xs])
+        mask = None
         if self.mask_models[pos] is not None:
-            mask = np.asarray(self.mask_models[pos](xs if len(xs) > 1 else xs[0], training=False))
+            batch = [x[idx] for x in xs]
+            mask = np.asarray(self.mask_models[pos](batch if len(batch) > 1 else batch[0], training=False))
         if self.ignore_class[pos] is not None:
-            labels = y[..., 0] if y.ndim == self.pred_ranks[pos] and y.shape[-1] == 1 else y
+            labels = y[idx]
+            labels = labels[..., 0] if labels.ndim == self.pred_ranks[pos] and labels.shape[-1] == 1 else labels
             valid = labels != self.ignore_class[pos]
             mask = valid if mask is None else mask & valid
         return mask
@@ -212,14 +214,10 @@ class Objective:
         the sample count, the count of unmasked elements, the sum of the (masked) sample
         weights, or 1 for `sum`. Computed the same way on every rank, before the step."""
         out = np.ones(len(self.losses), np.float64)
-        batch_xs = None
         for pos, (fn, red) in enumerate(zip(self.losses, self.reductions)):
-            if fn is None or red == "sum":
+            if not self.counted[pos]:
                 continue
-            if batch_xs is None:
-                batch_xs = [x[idx] for x in xs]
-            y = None if ys[pos] is None else ys[pos][idx]
-            mask = self._global_mask(pos, batch_xs, y)
+            mask = self._global_mask(pos, xs, ys[pos], idx)
             sw = None if sws[pos] is None else sws[pos][idx]
             if red in _BATCH_MEAN:
                 out[pos] = len(idx) if mask is None else np.count_nonzero(mask)

@@ -244,7 +244,8 @@ def test_metrics_on_a_subset_of_outputs_named_as_keras_logs_them():
     tok = layers.Dense(5, name="tok")(layers.Reshape((4, 2))(layers.Dense(8)(h)))
     model = keras.Model(inp, [layers.Dense(3, name="cls")(h), tok])
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    model.compile("sgd", [loss, loss], metrics={"tok": ["accuracy", "accuracy"]}, weighted_metrics={"tok": ["accuracy"]})
+    metrics, weighted = {"tok": ["accuracy", "accuracy"]}, {"tok": ["accuracy"]}
+    model.compile("sgd", [loss, loss], metrics=metrics, weighted_metrics=weighted)
     rng = np.random.default_rng(2)
     x = rng.standard_normal((N, 5)).astype("float32")
     ys = [rng.integers(0, 3, N), rng.integers(0, 5, (N, 4))]
