@@ -87,8 +87,8 @@ def unet_data(n, seed=0, classes=3):
 
 
 def seq2seq(seed=0):
-    """Encoder ids and decoder ids (two inputs) -> decoder logits; the decoder input is
-    used late only. The target's padding (0) is masked by the loss's ignore_class."""
+    """Encoder ids and decoder ids (two inputs) -> decoder logits; the decoder input joins
+    after the encoder. The target's padding (0) is masked by the loss's ignore_class."""
     keras.utils.set_random_seed(seed)
     src = keras.Input((SEQ,), dtype="int32", name="source")
     dec = keras.Input((SEQ - 1,), dtype="int32", name="decoder")
