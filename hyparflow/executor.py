@@ -77,7 +77,8 @@ class Executor:
         what = f"activations of micro-batch {m}"
         recv_vals = [to_tensor(self._take(posted, m, t, c.src[t], what)) for t in c.stage.recv]
         convert = tf.convert_to_tensor
-        return recv_vals, [convert(x) for x in mb.inputs], [convert(y) for y in mb.targets], [convert(w) for w in mb.weights]
+        weights = [None if w is None else convert(w) for w in mb.weights]
+        return recv_vals, [convert(x) for x in mb.inputs], [convert(y) for y in mb.targets], weights
 
     @staticmethod
     def _reg_scale(norm: StepNorm, mb: MicroBatch):

@@ -48,13 +48,14 @@ class Data:
 
     x: list[np.ndarray]
     y: list[np.ndarray | None]
-    sw: list[np.ndarray]
+    sw: list[np.ndarray | None]  # None: no sample weights for that output (as Keras's None)
 
     def __len__(self) -> int:
         return len(self.x[0])
 
     def take(self, idx: np.ndarray) -> Data:
-        return Data([a[idx] for a in self.x], [None if a is None else a[idx] for a in self.y], [a[idx] for a in self.sw])
+        rows = lambda arrays: [None if a is None else a[idx] for a in arrays]  # noqa: E731
+        return Data(rows(self.x), rows(self.y), rows(self.sw))
 
 
 def _prepare(graph: ModelGraph, x, y, sample_weight, class_weight, with_targets: bool) -> Data:
@@ -73,7 +74,7 @@ def _prepare(graph: ModelGraph, x, y, sample_weight, class_weight, with_targets:
             raise ConfigError(f"y for output '{name}' has {len(a)} samples but x has {n}.")
     for name, a in zip(graph.output_names, sws):
         if a is not None and (a.ndim < 1 or len(a) != n):
-            raise ConfigError(f"sample_weight for output '{name}' has shape {a.shape}; expected ({n},).")
+            raise ConfigError(f"sample_weight for output '{name}' has shape {a.shape}; expected ({n}, ...): one row per sample.")
     if class_weight is not None:
         if len(graph.output_names) != 1:
             raise ConfigError("class_weight works for single-output models only (as in Keras); use sample_weight per output.")
@@ -84,7 +85,7 @@ def _prepare(graph: ModelGraph, x, y, sample_weight, class_weight, with_targets:
             raise ConfigError(f"class_weight has no weight for classes {missing}.")
         cw = np.array([class_weight[int(c)] for c in labels], np.float32)
         sws = [cw if s is None else s * cw for s in sws]
-    sws = [np.ones(n, np.float32) if s is None else s.astype(np.float32) for s in sws]
+    sws = [None if s is None else s.astype(np.float32) for s in sws]
     return Data(xs, ys, sws)
 
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from keras.src import ops, tree
 from keras.src.backend import get_keras_mask, set_keras_mask
-from keras.src.losses.loss import reduce_weighted_values, squeeze_or_expand_to_same_rank
+from keras.src.losses.loss import apply_mask, reduce_weighted_values, squeeze_or_expand_to_same_rank
 from keras.src.trainers.compile_utils import get_loss, get_metric
 from keras.src.utils.python_utils import is_default
 
 __all__ = [
+    "apply_mask",
     "call_context_args",
     "compile_identity",
     "compiled_loss",
@@ -29,6 +31,7 @@ __all__ = [
     "inputs_structure",
     "is_array_like",
     "is_default",
+    "loss_elements",
     "nodes_by_depth",
     "overridden_steps",
     "own_call_losses",
@@ -144,3 +147,28 @@ def own_call_losses(layer) -> list[Any]:
 def optimizer_variables_for(optimizer) -> list[Any]:
     """The model variables a built optimizer was built for."""
     return list(optimizer._trainable_variables)
+
+
+def loss_elements(loss, y_true, y_pred, sample_weight) -> tuple[Any, Any]:
+    """What `Loss.__call__` computes before it reduces: the loss values times the sample
+    weight and the mask (as 0/1), broadcast as Keras broadcasts them, and the mask it
+    used (the prediction's `_keras_mask` and-ed with one the loss sets on its values,
+    e.g. `ignore_class`), or None.
+
+    Mirrors Keras 3.15's `Loss.__call__` line by line up to `reduce_weighted_values`,
+    which is called with reduction "none" so that the caller can divide the sum by a
+    global count. The conversion is Keras's own, so a softmax/sigmoid prediction keeps
+    its `_keras_logits` and crossentropy still works from the logits behind it.
+    """
+    in_mask = get_keras_mask(y_pred)
+    with ops.name_scope(loss.name):
+        y_pred = tree.map_structure(lambda x: ops.convert_to_tensor(x, dtype=loss.dtype), y_pred)
+        y_true = tree.map_structure(lambda x: ops.convert_to_tensor(x, dtype=loss.dtype), y_true)
+        values = loss.call(y_true, y_pred)
+        out_mask = get_keras_mask(values)
+        if in_mask is not None and out_mask is not None:
+            mask = in_mask & out_mask
+        else:
+            mask = in_mask if in_mask is not None else out_mask
+        weighted = reduce_weighted_values(values, sample_weight, mask, reduction="none", dtype=loss.dtype)
+    return weighted, mask

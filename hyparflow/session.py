@@ -147,14 +147,10 @@ class Session:
                 size=len(p),
                 inputs=[data.x[i][p] for i in st.data_inputs],
                 targets=[np.zeros(len(p), np.float32) if data.y[o] is None else data.y[o][p] for o in st.model_outputs],
-                weights=[data.sw[o][p] for o in st.model_outputs],
+                weights=[None if data.sw[o] is None else data.sw[o][p] for o in st.model_outputs],
             )
             for p in self._cut(shares[self.grid.replica])
         ]
-        kinds = self.objective.divisor_kinds
-        divisors = np.array(
-            [len(idx) if k == "count" else float(data.sw[o][idx].sum()) if k == "weights" else 1.0 for o, k in enumerate(kinds)],
-            np.float32,
-        )
+        divisors = self.objective.divisors(data.x, data.y, data.sw, idx)
         total_micro = sum(min(self.M, len(s)) for s in shares)
         return micro, StepNorm(divisors, 1.0 / max(total_micro, 1), len(idx))

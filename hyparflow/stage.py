@@ -29,14 +29,14 @@ class MicroBatch:
     size: int
     inputs: list[np.ndarray]  # the stage's model inputs, in stage.data_inputs order
     targets: list[np.ndarray]  # for the stage's model outputs, in stage.model_outputs order
-    weights: list[np.ndarray]  # sample weights, likewise
+    weights: list[np.ndarray | None]  # sample weights, likewise (None: unweighted)
 
 
 @dataclass
 class StepNorm:
     """Normalisers that make micro-batch losses add up to the global-batch loss."""
 
-    divisors: np.ndarray  # per model output: global sample count, or sum of sample weights
+    divisors: np.ndarray  # per model output: Objective.divisors of the global batch
     reg_scale: float  # 1 / micro-batches run by all replicas of a stage (weight regularizers count once)
     count: int  # samples in the global batch: call-time losses (activity regularizers) are per-sample means
 
