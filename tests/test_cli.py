@@ -76,7 +76,7 @@ def test_plan_command_shows_stages():
 def test_plan_command_bad_model_is_a_clear_error():
     out = hyparflow("plan", "resnet21", timeout=120)
     assert out.returncode == 2, out.stderr
-    assert "ResNet v1 depth must be 6n+2" in out.stderr
+    assert "Unknown model 'resnet21': use one of" in out.stderr
 
 
 # ---- launch lines (argument building only: no job runs) -----------------------------

@@ -75,5 +75,5 @@ def test_mixed_precision(r, policy, dtype, optimizer):
     assert m["boundary_dtypes"] == [dtype]
     assert m["optimizer"] == optimizer
     assert m["loss"] == pytest.approx(m["ref_loss"], rel=2e-3)
-    # Within a small multiple of what reordering a batch's rows does to plain Keras here.
+    # Within a small multiple of what a rounding-sized change of the inputs does to plain Keras.
     assert m["err"] < max(3 * m["floor"], 1e-3), f"error {m['err']:.2e}, Keras's own noise floor {m['floor']:.2e}"

@@ -5,8 +5,8 @@ exit     rank 3 ends its script normally without calling hf.fit; the others call
 kill     rank 2 kills itself with SIGKILL before hf.fit
 late     rank 3 reaches hf.fit a minute after the others
 local    each rank resumes from its own node-local checkpoint folder (rank 1's has a newer one)
-repeat   100 consecutive hf.fit calls, each with a new layout: closed sessions' communicators
-         freed, memory flat
+repeat   100 consecutive hf.fit calls with one layout (one session, memory flat), then 20
+         with alternating layouts (closed sessions' communicators freed)
 """
 
 from __future__ import annotations
@@ -105,11 +105,14 @@ elif mode == "repeat":
 
     transport.Transport.form_grid = recording
     m, rss = model(), []
-    for i in range(100):
-        fit(m, steps_per_epoch=1, num_microbatches=1 + i % 2)  # a new layout every call: a new session
+    for _ in range(100):  # the same layout: one session, reused
+        fit(m, steps_per_epoch=1)
         rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    reused = len(groups)
+    for i in range(20):  # a new layout every call: a new session, the previous one closed
+        fit(m, steps_per_epoch=1, num_microbatches=2 + i % 2)
     leaked = sum(g != MPI.COMM_NULL for g in groups[:-2])  # the newest session stays open for reuse
-    result = MPI.COMM_WORLD.gather({"groups": len(groups), "leaked": leaked, "rss_mb": rss}, root=0)
+    result = MPI.COMM_WORLD.gather({"reused": reused, "groups": len(groups), "leaked": leaked, "rss_mb": rss}, root=0)
     if rank == 0:
         with open(out, "w") as f:
             json.dump(result, f)
