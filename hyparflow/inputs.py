@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -17,7 +18,7 @@ from hyparflow.errors import ConfigError
 from hyparflow.graph import ModelGraph
 
 
-def _as_list(data, names: list[str], what: str, allow_none: bool = False) -> list[np.ndarray | None]:
+def _as_list(data, names: list[str], what: str, allow_none: bool = False) -> list[Any]:
     """Normalise x / y / sample_weight (array, list or dict by name) to one entry per name."""
     if data is None:
         if allow_none:
@@ -36,9 +37,9 @@ def _as_list(data, names: list[str], what: str, allow_none: bool = False) -> lis
             raise ConfigError(f"{what} has {len(data)} arrays but the model has {len(names)} ({names}).")
         items = list(data)
     else:
-        items = [data] * len(names) if what == "sample_weight" else [data] if len(names) == 1 else None
-        if items is None:
+        if what != "sample_weight" and len(names) != 1:
             raise ConfigError(f"{what} is a single array but the model has {len(names)} of them ({names}); pass a list or a dict.")
+        items = [data] * len(names)
     return [None if a is None else np.asarray(a) for a in items]
 
 
@@ -55,7 +56,7 @@ class Data:
 
     def take(self, idx: np.ndarray) -> Data:
         rows = lambda arrays: [None if a is None else a[idx] for a in arrays]  # noqa: E731
-        return Data(rows(self.x), rows(self.y), rows(self.sw))
+        return Data([a[idx] for a in self.x], rows(self.y), rows(self.sw))
 
 
 def _prepare(graph: ModelGraph, x, y, sample_weight, class_weight, with_targets: bool) -> Data:
@@ -78,7 +79,7 @@ def _prepare(graph: ModelGraph, x, y, sample_weight, class_weight, with_targets:
     if class_weight is not None:
         if len(graph.output_names) != 1:
             raise ConfigError("class_weight works for single-output models only (as in Keras); use sample_weight per output.")
-        labels = ys[0].reshape(n, -1)
+        labels = np.asarray(ys[0]).reshape(n, -1)
         labels = labels.argmax(axis=1) if labels.shape[1] > 1 else labels[:, 0].round().astype(int)
         missing = sorted(set(np.unique(labels).tolist()) - set(class_weight))
         if missing:
@@ -103,14 +104,14 @@ class ArraySource:
 
     def __init__(self, data: Data, batch_size: int, shuffle: bool = False, seed: int = 0, steps_per_epoch: int | None = None):
         self.data, self.batch_size, self.shuffle = data, batch_size, shuffle
-        self.seed = np.random.SeedSequence(seed)
+        self.seed = seed
         self.cycle = steps_per_epoch is not None  # epochs continue where the last stopped
-        self.steps = steps_per_epoch if self.cycle else -(-len(data) // batch_size)
+        self.steps: int = steps_per_epoch if steps_per_epoch is not None else -(-len(data) // batch_size)
         self.first = data
 
     def _pass(self, p: int) -> np.ndarray:
         n = len(self.data)
-        return np.random.default_rng([self.seed.entropy, p]).permutation(n) if self.shuffle else np.arange(n)
+        return np.random.default_rng([self.seed, p]).permutation(n) if self.shuffle else np.arange(n)
 
     def epoch(self, epoch: int) -> Iterator[tuple[Data, np.ndarray]]:
         n, want = len(self.data), self.steps * self.batch_size

@@ -35,6 +35,7 @@ class _World:
         self.sent: dict[tuple, int] = {}  # (group, src, dst, tag) -> messages sent so far
         self.posted: dict[tuple, int] = {}  # (group, src, dst, tag) -> receives posted so far
         self.slots: dict[tuple, dict[int, Any]] = {}  # (group, collective no.) -> {member: value}
+        self.reads: dict[tuple, int] = {}  # (group, collective no.) -> members that have read it
         self.failed: str | None = None
 
     def wait_for(self, ready: Callable[[], bool], what: str) -> None:
@@ -106,10 +107,9 @@ class LoopbackComm:
             world.cond.notify_all()
             world.wait_for(lambda: len(slot) >= len(self.members), f"collective {key}")
             values = [slot[i] for i in range(len(self.members))]
-            slot.setdefault("read", 0)
-            slot["read"] += 1
-            if slot["read"] == len(self.members):
-                del world.slots[key]
+            world.reads[key] = world.reads.get(key, 0) + 1
+            if world.reads[key] == len(self.members):
+                del world.slots[key], world.reads[key]
         return values
 
     def allgather(self, value: Any) -> list[Any]:

@@ -10,6 +10,7 @@ backward's output gradients arrive.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,7 +127,7 @@ class StageCompute:
         self.apply_flat = tf.function(self._apply_flat)
         # Without replicas there is nothing to reduce: apply the accumulators in place.
         self.apply_accumulated = tf.function(lambda: self._apply_now([a.value() for a in self.acc]))
-        self.infer = tf.function(lambda *args: self._run(*args, training=False))
+        self.infer = tf.function(functools.partial(self._run, training=False))
         self.predict = tf.function(self._predict)
 
     def _predict(self, recv_vals, data_vals):

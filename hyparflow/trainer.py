@@ -234,8 +234,8 @@ def predict(
                 chunks[pos].append(out)
             cbs.call("on_predict_batch_end", step, {"outputs": outputs[0] if len(outputs) == 1 else outputs})
         cbs.call("on_predict_end")
-    out = [np.concatenate(c) for c in chunks]
-    return out[0] if len(out) == 1 else out
+    arrays = [np.concatenate(c) for c in chunks]
+    return arrays[0] if len(arrays) == 1 else arrays
 
 
 def _predict_batch(session: Session, batch: inputs.Data, idx: np.ndarray) -> list[np.ndarray]:
