@@ -302,9 +302,9 @@ class ModelGraph:
         if any(tuple(t.shape[1:]) != arg_shapes[id(t)] for t in site.node.input_tensors):
             shapes = _refined_shapes(site, arg_shapes) or shapes
         base = site.prefix + op.name
-        k = names.get(base, 0)
-        names[base] = k + 1
-        name = base if k == 0 else f"{base}#{k}"
+        count = names.get(base, 0)
+        names[base] = count + 1
+        name = base if count == 0 else f"{base}#{count}"
         single = len(site.outs) == 1
         outs = tuple(
             self._add_tensor(t, key, shape, producer=idx, label=name if single else f"{name}:{j}")
@@ -375,8 +375,9 @@ class ModelGraph:
         """Fill `call.cost` with the chosen cost model ("time", "flops" or "params")."""
         if balance not in COST_MODELS:
             raise ConfigError(f"balance={balance!r}: expected one of {COST_MODELS}, a list of layer counts per stage, or a list of layer names to cut after.")
+        costs: list[float]
         if balance == "params":
-            costs = [c.param_bytes for c in self.calls]
+            costs = [float(c.param_bytes) for c in self.calls]
         elif balance == "flops":
             costs = [c.flops for c in self.calls]
         else:

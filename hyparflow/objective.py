@@ -164,7 +164,10 @@ class Objective:
             return found
         sample = xs if len(xs) > 1 else xs[0]  # Keras's structure for one input
         preds = keras.tree.flatten(self.model(sample, training=False))
-        inputs = functional_graph(self.model).inputs
+        fn = functional_graph(self.model)
+        if fn is None:
+            return found
+        inputs = fn.inputs
         for pos, (pred, spec, name) in enumerate(zip(preds, self.pred_specs, self.names)):
             runtime = get_keras_mask(pred)
             if not self.counted[pos] or runtime is None:
@@ -204,7 +207,7 @@ class Objective:
             batch = [x[idx] for x in xs]
             mask = np.asarray(self.mask_models[pos](batch if len(batch) > 1 else batch[0], training=False))
         if self.ignore_class[pos] is not None:
-            labels = y[idx]
+            labels = np.asarray(y)[idx]
             labels = labels[..., 0] if labels.ndim == self.pred_ranks[pos] and labels.shape[-1] == 1 else labels
             valid = labels != self.ignore_class[pos]
             mask = valid if mask is None else mask & valid
@@ -216,7 +219,7 @@ class Objective:
         weights, or 1 for `sum`. Computed the same way on every rank, before the step."""
         out = np.ones(len(self.losses), np.float64)
         for pos, (fn, red) in enumerate(zip(self.losses, self.reductions)):
-            if not self.counted[pos]:
+            if fn is None or not self.counted[pos]:
                 continue
             mask = self._global_mask(pos, xs, ys[pos], idx)
             sw = None if sws[pos] is None else sws[pos][idx]
