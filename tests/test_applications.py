@@ -71,17 +71,6 @@ def trainable_copy(fn, size):
     return model
 
 
-@pytest.fixture
-def float64():
-    """Layers made meanwhile compute and hold float64 (Keras caches its global dtype policy)."""
-    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    yield
-    keras.config.set_floatx(floatx)
-    keras.config.set_dtype_policy(policy)
-
-
 def test_every_constructor_is_found():
     assert len(CONSTRUCTORS) >= 40 and {"ResNet50", "MobileNetV3Small", "ConvNeXtTiny", "NASNetMobile"} <= set(CONSTRUCTORS)
 
