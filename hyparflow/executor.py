@@ -40,7 +40,7 @@ class Executor:
     def __init__(self, compute: StageCompute, transport: Transport, schedule_kind: str):
         self.compute, self.transport, self.schedule_kind = compute, transport, schedule_kind
         self.grid = transport.grid
-        self.reducer = Reducer(transport, compute.loss_scaled)
+        self.reducer = Reducer(transport, compute.loss_scaled, compute.variables, compute.plan.tied)
         self.tag = {t: 2 * i for i, t in enumerate(compute.plan.boundary)}
         self.timers = {"compute": 0.0, "wait": 0.0, "allreduce": 0.0}
 

@@ -102,18 +102,32 @@ def epoch_checkpoint(session: Session, epoch: int, folder: str | None, every: in
 
 
 def sync_replica_state(session: Session) -> None:
-    """Average non-trainable float state (BatchNorm statistics) across replicas."""
+    """Average non-trainable float state (BatchNorm statistics) across replicas.
+
+    State of a layer called on several stages (tied: `Plan.tied`) is averaged over every
+    replica of every stage holding it, so its copies end each epoch identical. Each stage
+    moves its copy with its own calls only, so the result is not Keras's (which moves one
+    copy call after call) but the mean of the per-stage estimates."""
     trainable = {id(v) for v in session.stage.trainable_variables}
-    state_vars = [v for v in session.stage.variables if id(v) not in trainable and "float" in str(v.dtype)]
-    if session.R == 1 or not state_vars:
-        return
-    flat = np.concatenate([np.asarray(v.numpy(), np.float64).reshape(-1) for v in state_vars])
+    tied = {id(v): tuple(stages) for v, stages in session.plan.tied}
+    groups: dict[str | tuple[int, ...], list] = {}
+    for v in session.stage.variables:
+        if id(v) not in trainable and "float" in str(v.dtype):
+            groups.setdefault(tied.get(id(v), "data"), []).append(v)
+    for group in sorted(groups, key=lambda g: (g != "data", g)):  # one order on every rank
+        size = session.transport.group_size(group)
+        if size > 1:
+            _average(session, groups[group], group, size)
+
+
+def _average(session: Session, variables: list, group: str | tuple[int, ...], size: int) -> None:
+    flat = np.concatenate([np.asarray(v.numpy(), np.float64).reshape(-1) for v in variables])
     out = np.empty_like(flat)
     with phase("allreduce (replica state)"):
-        session.transport.allreduce(flat, out, "replica state averaging", group="data")
-    out /= session.R
+        session.transport.allreduce(flat, out, "replica state averaging", group=group)
+    out /= size
     i = 0
-    for v in state_vars:
+    for v in variables:
         n = int(np.prod(v.shape))
         v.assign(out[i : i + n].reshape(v.shape).astype(str(v.dtype)))
         i += n

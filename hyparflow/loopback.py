@@ -140,8 +140,13 @@ class LoopbackComm:
             buf[...] = values[root]
         return _Done()
 
-    def Split(self, color: int = 0, key: int = 0) -> LoopbackComm:
+    def Split(self, color: int = 0, key: int = 0) -> LoopbackComm | None:
+        """As MPI's: members with the same color form a group; MPI.UNDEFINED joins none (None)."""
+        from mpi4py import MPI
+
         rows = self._exchange((color, key, self.members[self.me]))
+        if color == MPI.UNDEFINED:
+            return None
         mine = sorted((k, world_rank) for c, k, world_rank in rows if c == color)
         members = tuple(r for _, r in mine)
         group = self.group + (f"split{self.collectives}", color)

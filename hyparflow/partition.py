@@ -225,7 +225,8 @@ class Plan:
         the layers it belongs to are called on each of those stages. The engine sums a tied
         trainable variable's gradients over its stages before the optimizer step, so the
         copies stay equal; a tied non-trainable variable (statistics of a normalization
-        layer called on several stages) is updated by each stage's own calls."""
+        layer called on several stages) is updated by each stage's own calls and averaged
+        over the holding stages at every epoch end (`loop.sync_replica_state`)."""
         holders: dict[int, tuple[Any, list[int]]] = {}
         for st in self.stages:
             for v in st.variables:

@@ -83,7 +83,7 @@ class Session:
         with phase("placement"):
             slots = placement.discover(transport)
             assignment = placement.assign(slots, self.P, self.R, layout.placement)
-            self.grid = transport.form_grid(assignment, self.P, self.R)
+            self.grid = transport.form_grid(assignment, self.P, self.R, [tuple(s) for _, s in self.plan.tied])
             state.where = self.grid.where()
             if announce and transport.rank == 0:
                 rank_map = placement.describe(slots, assignment)

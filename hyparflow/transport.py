@@ -2,7 +2,8 @@
 
 A `Transport` wraps one communicator (MPI's world, or a `loopback` world of threads in
 one process) and gives the engine what it needs: a start-up rendezvous with a bounded
-wait, the grid's pipe and data groups (freed on `close`), raw-buffer point-to-point
+wait, the grid's pipe and data groups and one group per set of stages that hold tied
+weights (all freed on `close`), raw-buffer point-to-point
 transfers between the stages of a replica, array reductions and broadcasts, and small
 control-plane object exchanges. Every wait runs under the stall watchdog.
 
@@ -148,6 +149,7 @@ class Transport:
         self.grid: Grid | None = None
         self.pipe: Any = None
         self.data: Any = None
+        self.tied: dict[tuple[int, ...], Any] = {}  # stage set -> group of its ranks (this rank's sets only)
         self.watchdog = Watchdog.get()
         self.where = f"rank {self.rank}"
 
@@ -201,9 +203,12 @@ class Transport:
         while not MPI.Request.Testall(requests) and time.monotonic() < deadline:
             time.sleep(0.005)
 
-    def form_grid(self, assignment: Sequence[tuple[int, int]], num_partitions: int, num_replicas: int) -> Grid:
+    def form_grid(self, assignment: Sequence[tuple[int, int]], num_partitions: int, num_replicas: int,
+                  tied_sets: Sequence[tuple[int, ...]] = ()) -> Grid:
         """Split the world into the grid's groups from `assignment[rank] = (replica, stage)`:
-        `pipe` joins the stages of one replica, `data` the replicas of one stage."""
+        `pipe` joins the stages of one replica, `data` the replicas of one stage, and each of
+        `tied_sets` (stage sets holding tied weights, the same list on every rank) joins
+        every replica of those stages; a rank keeps the groups of the sets its stage is in."""
         replica, stage = assignment[self.rank]
         ranks = [[-1] * num_partitions for _ in range(num_replicas)]
         for r, (rep, st) in enumerate(assignment):
@@ -211,16 +216,21 @@ class Transport:
         self.close()
         self.pipe = self.world.Split(color=replica, key=stage)
         self.data = self.world.Split(color=stage, key=replica)
+        for stages in sorted(set(map(tuple, tied_sets))):  # one order on every rank: Split is collective
+            group = self.world.Split(color=0 if stage in stages else MPI.UNDEFINED, key=self.rank)
+            if stage in stages:
+                self.tied[stages] = group
         self.grid = Grid(self.rank, num_partitions, num_replicas, replica, stage, tuple(map(tuple, ranks)))
         self.where = self.grid.where()
         return self.grid
 
     def close(self) -> None:
         """Free the grid's groups (a session's communicators must not outlive it)."""
-        for comm in (self.pipe, self.data):
+        for comm in (self.pipe, self.data, *self.tied.values()):
             if comm is not None:
                 comm.Free()
         self.pipe = self.data = None
+        self.tied = {}
 
     def node_layout(self) -> tuple[int, str, int, int]:
         """(lowest world rank on this node, host name, local rank, ranks on this node)."""
@@ -249,10 +259,13 @@ class Transport:
         return self.world.gather(value, root=root)
 
     # ---- data plane: raw buffers -------------------------------------------------------
-    def _group(self, group: str):
+    def _group(self, group: str | tuple[int, ...]):
+        """A group by name ("world", "pipe", "data"), or the tied group of a stage set."""
+        if isinstance(group, tuple):
+            return self.tied[group]
         return {"world": self.world, "pipe": self.pipe, "data": self.data}[group]
 
-    def group_size(self, group: str) -> int:
+    def group_size(self, group: str | tuple[int, ...]) -> int:
         return self._group(group).Get_size()
 
     def isend(self, array: np.ndarray, stage: int, tag: int) -> Any:
@@ -262,8 +275,10 @@ class Transport:
     def irecv(self, array: np.ndarray, stage: int, tag: int) -> Any:
         return self.pipe.Irecv(as_bytes(array), source=stage, tag=tag)
 
-    def allreduce(self, send: np.ndarray, recv: np.ndarray, what: str, group: str = "world", op: str = "sum") -> None:
-        """Reduce `send` over `group` into `recv`, waited on under the watchdog."""
+    def allreduce(self, send: np.ndarray, recv: np.ndarray, what: str, group: str | tuple[int, ...] = "world",
+                  op: str = "sum") -> None:
+        """Reduce `send` over `group` (a name or a tied stage set) into `recv`, waited on
+        under the watchdog."""
         comm = self._group(group)
         if comm.Get_size() == 1:
             recv[...] = send

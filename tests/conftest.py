@@ -49,3 +49,18 @@ def run_script(np: int, script: str, *args: str, timeout: float = 300, tmp: Path
     out = tmp / f"{Path(script).stem}-{np}.json"
     mpirun(np, [sys.executable, str(SCRIPTS / script), str(out), *args], timeout=timeout, env=env)
     return json.loads(out.read_text())
+
+
+@pytest.fixture
+def float64():
+    """Layers made meanwhile compute and hold float64 (Keras caches its global dtype policy):
+    training-equivalence tests of deep or chaotic models run where float rounding cannot
+    masquerade as, or hide, a difference."""
+    import keras
+
+    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    yield
+    keras.config.set_floatx(floatx)
+    keras.config.set_dtype_policy(policy)

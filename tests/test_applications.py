@@ -1,6 +1,17 @@
-"""Every keras.applications constructor, found by walking the package (none hand-picked):
-built with random weights at its smallest accepted input size, planned at P=2 and P=4,
-and transparent (stagewise outputs and every variable's gradient equal the model's)."""
+"""Every keras.applications constructor, found by walking the package (none hand-picked),
+built with random weights at its smallest accepted input size and planned at P=2 and P=4.
+
+Those up to TRAIN_MAX_PARAMS parameters train 2 SGD steps at P=4, M=1 through the loopback
+engine and must equal plain Keras `fit` (every weight, BatchNorm statistics included). They
+train in float64: at these tiny inputs, BatchNorm in training mode over 1x1 and 2x2 maps
+of 8 samples amplifies float32 rounding so much that Keras differs from itself by up to
+100% when a batch's rows are merely reordered, which no tolerance can test through; in
+float64 that noise floor stays below 1e-9, so the 1e-4 bound is far above noise and far
+below any real error. Dropout rates are set to zero (masks are drawn per process).
+
+Larger constructors (5 copies would not fit the time and memory of a small machine) are
+checked stagewise at P=4 instead: stage by stage, outputs and every variable's gradient
+equal the whole model's."""
 
 from __future__ import annotations
 
@@ -9,8 +20,15 @@ import inspect
 import re
 
 import keras
+import numpy as np
 import pytest
 from stagewise import check_transparent
+from training import train_like_keras
+
+import hyparflow as hf
+
+TRAIN_MAX_PARAMS = 5_000_000
+TOLERANCE = 1e-4
 
 
 def constructors() -> dict:
@@ -29,10 +47,9 @@ def constructors() -> dict:
 CONSTRUCTORS = constructors()
 
 
-def build(fn, classes=3):
-    """The model at the smallest square input the constructor accepts: start at 32 pixels and
-    grow to the smallest larger size its error message names."""
-    size = 32
+def build(fn, classes=3, size=32):
+    """The model at the smallest square input the constructor accepts: start at `size` pixels
+    and grow to the smallest larger size its error message names."""
     while True:
         try:
             return fn(weights=None, input_shape=(size, size, 3), classes=classes), size
@@ -43,18 +60,38 @@ def build(fn, classes=3):
             size = min(larger)
 
 
+def trainable_copy(fn, size):
+    """A seeded float64 copy without dropout, compiled with plain SGD."""
+    keras.utils.set_random_seed(0)
+    model, _ = build(fn, size=size)
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.Dropout):
+            layer.rate = 0.0
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy")
+    return model
+
+
 def test_every_constructor_is_found():
     assert len(CONSTRUCTORS) >= 40 and {"ResNet50", "MobileNetV3Small", "ConvNeXtTiny", "NASNetMobile"} <= set(CONSTRUCTORS)
 
 
 @pytest.mark.parametrize("name", sorted(CONSTRUCTORS))
-def test_application_plans_and_is_transparent(name):
+def test_application(name, request):
     keras.utils.set_random_seed(0)
     model, size = build(CONSTRUCTORS[name])
-    assert isinstance(model, keras.Model)
-    errors = check_transparent(model, [2, 4], n=2, regularization=False)  # plans at P=2 and P=4 with it
-    summary = " ".join(f"P={p}: outputs {o:.1e} gradients {g:.1e}" for p, (o, g) in errors.items())
-    print(f"\n{name} input {size}x{size} {model.count_params()} params, max relative errors {summary}")
-    del model
+    params = model.count_params()
+    assert hf.plan(model, 2, balance="flops").num_partitions == 2
+    if params > TRAIN_MAX_PARAMS:
+        errors = check_transparent(model, [4], n=2, regularization=False)
+        print(f"\n{name} {size}px {params} params, stagewise P=4: outputs {errors[4][0]:.1e} gradients {errors[4][1]:.1e}")
+    else:
+        del model
+        request.getfixturevalue("float64")
+        rng = np.random.default_rng(0)
+        x, y = rng.standard_normal((16, size, size, 3)), rng.integers(0, 3, 16)
+        r = train_like_keras(lambda: trainable_copy(CONSTRUCTORS[name], size), x, y, num_partitions=4)
+        print(f"\n{name} {size}px {params} params, trained P=4 M=1: {r}")
+        assert r.floor < 1e-9 and r.moved > 1e-3, r
+        assert r.err < TOLERANCE, r
     keras.backend.clear_session()
     gc.collect()

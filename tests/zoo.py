@@ -192,6 +192,7 @@ def hub_causal_lm(seed=0, length=8, vocab=30):
         hidden_dim=8,
         intermediate_dim=16,
         max_sequence_length=length,
+        dropout=0.0,
     )
     lm = keras_hub.models.GPT2CausalLM(backbone, preprocessor=None)
     ids = keras.Input((length,), dtype="int32", name="token_ids")
