@@ -69,11 +69,56 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _fit_calls(fit, args, slowest, first_callbacks=()) -> dict:
+    """The same fit calls on one model, for plain Keras and hyparflow alike: the first, timed in
+    per-step windows after warm-up; a second, stopped after its first batch, timing its start-up
+    (from the call to the end of that batch: what reusing the first call's work costs); then two
+    timed as whole calls of `--epochs` epochs, with the progress bar off (verbose=0) and on
+    (verbose=1). `fit(epochs, verbose, callbacks)` makes one call; `slowest` takes the maximum of
+    a duration over the job's ranks."""
+    clock = _StepClock(args.warmup, args.steps)
+    fit(epochs=1, verbose=0, callbacks=[clock, *first_callbacks])
+    first = _FirstBatch()
+    t0 = time.perf_counter()
+    fit(epochs=1, verbose=0, callbacks=[first])
+    startup = slowest(first.at - t0)
+    samples = args.epochs * args.batch_size * (args.warmup + args.windows * args.steps)
+    by_epochs = []
+    for verbose in (0, 1):
+        t0 = time.perf_counter()
+        fit(epochs=args.epochs, verbose=verbose, callbacks=[])
+        by_epochs.append(samples / slowest(time.perf_counter() - t0))
+    return {
+        "throughput": _windows(clock.marks, args.steps, args.batch_size),
+        "second_fit_startup_s": [startup],
+        "throughput_epochs": [by_epochs[0]],
+        "throughput_verbose": [by_epochs[1]],
+    }
+
+
+class _FirstBatch:
+    """Keras callback noting when the first batch of a call ends (`at`), then stopping the call."""
+
+    def __new__(cls):
+        import keras
+
+        class FirstBatch(keras.callbacks.Callback):
+            at = float("nan")
+
+            def on_train_batch_end(self, batch, logs=None):
+                self.at = time.perf_counter()
+                self.model.stop_training = True
+
+        return FirstBatch()
+
+
 def worker_keras(args) -> dict:
     model, x, y = _model_and_data(args)
-    clock = _StepClock(args.warmup, args.steps)
-    model.fit(x, y, batch_size=args.batch_size, epochs=1, shuffle=False, verbose=0, callbacks=[clock])
-    return {"throughput": _windows(clock.marks, args.steps, args.batch_size), "peak_mb": [_peak_mb()]}
+
+    def fit(**kw):
+        return model.fit(x, y, batch_size=args.batch_size, shuffle=False, **kw)
+
+    return {**_fit_calls(fit, args, slowest=lambda seconds: seconds), "peak_mb": [_peak_mb()]}
 
 
 def worker_dp(args) -> dict:
@@ -132,34 +177,30 @@ def worker_hyparflow(args) -> dict:
 
     import hyparflow as hf
 
+    world = MPI.COMM_WORLD
     model, x, y = _model_and_data(args)
-    clock = _StepClock(args.warmup, args.steps)
     timers: dict[str, Any] = {}
 
     class Timers(_timers_callback()):
         def on_train_end(self, logs=None):
             timers.update(self.collect())
 
-    hf.fit(
-        model,
-        x,
-        y,
-        batch_size=args.batch_size,
-        epochs=1,
-        shuffle=False,
-        verbose=0,
-        num_partitions=args.P,
-        num_microbatches=args.M,
-        schedule=args.schedule,
-        balance=args.balance,
-        callbacks=[clock, Timers(args.warmup)],
-    )
-    world = MPI.COMM_WORLD
-    return {
-        "throughput": _windows(clock.marks, args.steps, args.batch_size),
-        "peak_mb": world.gather(_peak_mb(), root=0),
-        "stages": world.gather(timers, root=0),
-    }
+    def fit(**kw):
+        return hf.fit(
+            model,
+            x,
+            y,
+            batch_size=args.batch_size,
+            shuffle=False,
+            num_partitions=args.P,
+            num_microbatches=args.M,
+            schedule=args.schedule,
+            balance=args.balance,
+            **kw,
+        )
+
+    calls = _fit_calls(fit, args, lambda seconds: world.allreduce(seconds, op=MPI.MAX), [Timers(args.warmup)])
+    return {**calls, "peak_mb": world.gather(_peak_mb(), root=0), "stages": world.gather(timers, root=0)}
 
 
 def _timers_callback():
@@ -282,6 +323,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=10, help="steps per timed window")
     p.add_argument("--windows", type=int, default=3, help="timed windows per run")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (tracing, caches)")
+    p.add_argument("--epochs", type=int, default=1, help="epochs of each fit call timed as a whole")
     p.add_argument("--balance", default=None, help="partitioner cost model (default: hyparflow's: time, or flops for big models)")
 
 
@@ -292,6 +334,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=2, help="alternating rounds over all variants")
     p.add_argument("--comm-sizes", default="1,4,16,64", help="MB sizes for the communication microbenchmarks ('' to skip)")
     p.add_argument("--out", default="bench-results", help="folder for bench.json and bench.png")
+    p.add_argument("--compare", default=None, metavar="OLD_JSON",
+                   help="a previous run's bench.json to print the new numbers against")
 
 
 def _parse_configs(text: str) -> list[dict]:
@@ -307,8 +351,10 @@ def _parse_configs(text: str) -> list[dict]:
 
 
 def _run(np_: int, kind: str, args, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "hyparflow.bench", kind, "--model", args.model, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-           "--windows", str(args.windows), "--warmup", str(args.warmup), *(["--balance", args.balance] if args.balance else []), *extra]  # fmt: skip
+    cmd = [sys.executable, "-m", "hyparflow.bench", kind, "--model", args.model, "--batch-size", str(args.batch_size),
+           "--steps", str(args.steps), "--windows", str(args.windows), "--warmup", str(args.warmup),
+           "--epochs", str(args.epochs),
+           *(["--balance", args.balance] if args.balance else []), *extra]  # fmt: skip
     job = Launch(np=np_, command=cmd)
     proc = subprocess.run(job.argv(), env=job.environment(), capture_output=True, text=True)
     for line in proc.stdout.splitlines():
@@ -336,6 +382,9 @@ def main(args) -> int:
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(report, f, indent=1)
     _print(report)
+    if args.compare:
+        with open(args.compare) as f:
+            _print_compare(report, json.load(f), args.compare)
     _chart(report, os.path.join(args.out, "bench.png"))
     print(f"wrote {args.out}/bench.json and {args.out}/bench.png")
     return 0
@@ -350,6 +399,8 @@ def _report(variants, runs, args) -> dict:
         tp = statistics.median(samples)
         row = {"name": v["name"], "ranks": v["np"], "throughput": tp, "windows": samples,
                "peak_mb": max(m for r in runs[v["name"]] for m in (r["peak_mb"] or [0]))}  # fmt: skip
+        if v["kind"] in ("keras", "hyparflow"):
+            row.update(_call_timings(runs[v["name"]]))
         if v["kind"] == "keras":
             keras_tp = tp
             single_step = args.batch_size / tp
@@ -367,10 +418,25 @@ def _report(variants, runs, args) -> dict:
                 row["ideal_step_s"] = ideal
                 row["efficiency_vs_bubble_bound"] = ideal / (args.batch_size / tp)
         rows.append(row)
+    keras_bar = next((r["progress_bar_cost"] for r in rows if r["name"] == variants[0]["name"]), None)
     for row in rows:
         row["vs_keras"] = row["throughput"] / keras_tp if keras_tp else None
         row["vs_dp_baseline"] = row["throughput"] / dp_tp if dp_tp else None
+        if "progress_bar_cost" in row and keras_bar is not None:
+            row["progress_bar_cost_vs_keras"] = row["progress_bar_cost"] - keras_bar
     return {"model": args.model, "batch_size": args.batch_size, "cores": os.cpu_count(), "rows": rows}
+
+
+def _call_timings(runs: list[dict]) -> dict:
+    """Medians over rounds of the whole-call timings (see `_fit_calls`), and the share of
+    throughput the progress bar costs."""
+    out = {k: statistics.median(v for r in runs for v in r[k]) for k in CALL_TIMINGS}
+    out["progress_bar_cost"] = 1 - out["throughput_verbose"] / out["throughput_epochs"]
+    return out
+
+
+CALL_TIMINGS = ("throughput_epochs", "throughput_verbose", "second_fit_startup_s")
+STARTUP_TARGET_S, BAR_COST_MARGIN = 1.0, 0.05
 
 
 def _print(report: dict) -> None:
@@ -388,12 +454,58 @@ def _print(report: dict) -> None:
             )
         if r.get("efficiency_vs_bubble_bound") is not None:
             print(f"{'':<6}step time vs bubble-bound ideal: {r['efficiency_vs_bubble_bound']:.2f}")
+    _print_calls(report["rows"])
     for size, c in report.get("comm", {}).items():
         print(
             f"{size:>5} MB  send/recv raw {c['sendrecv_raw_GBs']:.2f} GB/s, hyparflow {c['sendrecv_hyparflow_GBs']:.2f} GB/s "
             f"({c['sendrecv_hyparflow_GBs'] / c['sendrecv_raw_GBs']:.0%});  allreduce raw {c['allreduce_raw_GBs']:.2f} GB/s, "
             f"hyparflow {c['allreduce_hyparflow_GBs']:.2f} GB/s ({c['allreduce_hyparflow_GBs'] / c['allreduce_raw_GBs']:.0%})"
         )
+
+
+def _print_calls(rows: list[dict]) -> None:
+    """Whole fit calls, Keras beside hyparflow: throughput by windows of steps and by whole calls,
+    with the progress bar off and on, and the start-up of a second fit call, against the targets."""
+    rows = [r for r in rows if "throughput_epochs" in r]
+    head = (
+        f"\n{'whole fit calls':<40} {'steps':>9} {'epochs':>9} {'+bar':>9} {'bar cost':>9} {'2nd fit':>9}\n"
+        f"{'(samples/s; start-up in s)':<40} {'windows':>9} {'verbose=0':>9} {'verbose=1':>9} {'':>9} {'start-up':>9}"
+    )
+    print(head + "\n" + "-" * 90)
+    for r in rows:
+        print(
+            f"{r['name'][:40]:<40} {r['throughput']:>9.1f} {r['throughput_epochs']:>9.1f} "
+            f"{r['throughput_verbose']:>9.1f} "
+            f"{r['progress_bar_cost']:>9.1%} {r['second_fit_startup_s']:>9.2f}"
+        )
+        if r["name"].startswith("hyparflow"):
+            startup_ok = r["second_fit_startup_s"] <= STARTUP_TARGET_S
+            bar = r.get("progress_bar_cost_vs_keras")
+            bar_text = "-" if bar is None else f"{bar:+.1%} vs keras's, {'ok' if bar <= BAR_COST_MARGIN else 'MISSED'}"
+            print(
+                f"{'':<6}targets: 2nd fit start-up <= {STARTUP_TARGET_S:.0f} s {'ok' if startup_ok else 'MISSED'}; "
+                f"bar cost <= keras's + {BAR_COST_MARGIN:.0%}: {bar_text}"
+            )
+
+
+COMPARED = ("throughput", "throughput_epochs", "throughput_verbose", "second_fit_startup_s", "peak_mb")
+
+
+def _print_compare(report: dict, old: dict, label: str) -> None:
+    """The new numbers next to a previous run's (`old`, its bench.json), variant by variant."""
+    print(f"\ncompared with {label} ({old.get('model')}, global batch {old.get('batch_size')}):")
+    head = f"{'variant':<40} {'measure':<22} {'old':>10} {'new':>10} {'change':>8}"
+    print(head + "\n" + "-" * len(head))
+    before = {r["name"]: r for r in old.get("rows", [])}
+    for r in report["rows"]:
+        prev = before.get(r["name"])
+        if prev is None:
+            print(f"{r['name'][:40]:<40} (not in {label})")
+            continue
+        for key in COMPARED:
+            if r.get(key) is not None and prev.get(key) is not None:
+                change = r[key] / prev[key] - 1 if prev[key] else float("nan")
+                print(f"{r['name'][:40]:<40} {key:<22} {prev[key]:>10.3g} {r[key]:>10.3g} {change:>+8.0%}")
 
 
 def _chart(report: dict, path: str) -> None:

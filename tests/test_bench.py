@@ -1,5 +1,7 @@
 """`hyparflow bench` end to end with tiny settings: every variant runs, and the report has
-the ratios, per-stage timers, bubble figures, bandwidths, JSON and chart (no timing asserts)."""
+the ratios, per-stage timers, bubble figures, whole-call timings (throughput by epochs with the
+progress bar off and on, a second fit's start-up), bandwidths, JSON, chart and the comparison
+with a previous run (no timing asserts)."""
 
 from __future__ import annotations
 
@@ -8,12 +10,20 @@ import json
 import pytest
 from test_cli import hyparflow
 
+CALL_TIMINGS = ("throughput_epochs", "throughput_verbose", "second_fit_startup_s")
+
 
 @pytest.mark.mpi
 def test_bench_reports_every_variant(tmp_path):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"model": "mlp", "batch_size": 32, "rows": [
+        {"name": "keras model.fit (1 process)", "throughput": 12345.0, "second_fit_startup_s": 9.5},
+        {"name": "hyparflow P=4 R=1 M=4 1f1b", "throughput": 1.0},
+    ]}))  # fmt: skip
     out = hyparflow(
         "bench", "--model", "mlp", "--batch-size", "32", "--steps", "2", "--windows", "2", "--warmup", "1", "--repeats", "1",
-        "--configs", "1x1x1,2x1x2:gpipe", "--comm-sizes", "1", "--out", str(tmp_path), timeout=600,
+        "--configs", "1x1x1,2x1x2:gpipe", "--comm-sizes", "1", "--out", str(tmp_path), "--compare", str(old),
+        timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
@@ -23,6 +33,14 @@ def test_bench_reports_every_variant(tmp_path):
     assert report["rows"][1]["backend"] in ("horovod", "mpi4py")
     for row in report["rows"]:
         assert row["throughput"] > 0 and len(row["windows"]) == 2 and row["vs_keras"] > 0 and row["peak_mb"] > 0
+    keras_row, dp_row, *hf_rows = report["rows"]
+    for row in [keras_row, *hf_rows]:  # Keras and hyparflow timed as whole calls too
+        assert all(row[k] > 0 for k in CALL_TIMINGS), row
+        assert row["progress_bar_cost"] == pytest.approx(1 - row["throughput_verbose"] / row["throughput_epochs"])
+    assert not any(k in dp_row for k in CALL_TIMINGS)  # the hand-written DP loop has no fit calls
+    for row in hf_rows:  # each hyparflow row's bar cost is set against Keras's
+        bar_cost = row["progress_bar_cost"] - keras_row["progress_bar_cost"]
+        assert row["progress_bar_cost_vs_keras"] == pytest.approx(bar_cost)
     pipe = report["rows"][3]
     assert pipe["bubble_bound"] == pytest.approx(1 / 3)
     assert sorted(s["stage"] for s in pipe["stages"]) == [0, 1]
@@ -30,3 +48,11 @@ def test_bench_reports_every_variant(tmp_path):
     assert set(report["comm"]["1.0"]) == {"sendrecv_raw_GBs", "sendrecv_hyparflow_GBs", "allreduce_raw_GBs", "allreduce_hyparflow_GBs"}
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert "vs keras" in out.stdout and "send/recv raw" in out.stdout
+    assert "verbose=1" in out.stdout and "2nd fit start-up <= 1 s" in out.stdout  # the whole-call table and its targets
+    # --compare: the previous run's numbers beside the new ones, and variants it lacked named
+    assert f"compared with {old}" in out.stdout
+    lines = out.stdout.splitlines()
+    keras_lines = [line.split() for line in lines if line.startswith("keras model.fit (1 process)")]
+    assert ["throughput", "1.23e+04"] in [words[4:6] for words in keras_lines]
+    assert ["second_fit_startup_s", "9.5"] in [words[4:6] for words in keras_lines]
+    assert any(line.startswith("hyparflow P=2 R=1 M=2 gpipe") and line.endswith(f"(not in {old})") for line in lines)
