@@ -438,19 +438,18 @@ class ModelGraph:
 def run_call(call: LayerCall, values: dict[int, Any], training: bool) -> dict[int, Any]:
     """Run one call; `values` maps tensor index -> value. Returns its outputs by index.
 
-    A call-context argument (`training`, ...) given explicitly where the layer is called
-    in the graph wins, then one given at an enclosing nested-model call (`base(x,
-    training=False)` keeps the base in inference mode), then the stage's `training`.
-    This is Keras's documented precedence (keras-team/keras#23364); Keras 3.15 itself
-    lets the outermost call's `training` override the explicit arguments.
+    Call-context arguments follow Keras's functional models (`functional.operation_fn`):
+    the stage's `training` overrides what the graph recorded (Keras records each layer's
+    default there, e.g. Dropout's `training=False`), even an explicit `base(x,
+    training=False)`, as Keras 3's `fit` does; other context arguments keep the value
+    given at an enclosing nested-model call, else the recorded one.
     """
     import keras
 
     args, kwargs = call.node.arguments.fill_in({ref: values[i] for ref, i in call.args})
     for name in keras_compat.call_context_args(call.layer):
-        if kwargs.get(name) is None:
-            value = call.context.get(name, training if name == "training" else None)
-            if value is not None:
-                kwargs[name] = value
+        value = training if name == "training" else call.context.get(name)
+        if value is not None:
+            kwargs[name] = value
     out = keras.tree.flatten(call.layer(*args, **kwargs))
     return dict(zip(call.outputs, out))

@@ -106,18 +106,24 @@ def test_transfer_learning_splits_and_balances_the_base():
     check_transparent(model, [2, 4], n=2, balance="params", regularization=False)
 
 
-def test_explicit_training_false_at_a_nested_call_holds_when_training():
+def test_the_training_flag_reaches_a_nested_base_as_in_keras():
+    """Keras 3's functional models pass the outer call's `training` to every layer, over an
+    explicit `base(x, training=False)` and over the `training=False` Keras records for a
+    plain Dropout call; the stages must do the same."""
     keras.utils.set_random_seed(0)
     base = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3), alpha=0.35)
     model = transfer_model(base)
     xs = zoo.sample_inputs(model, 4)
     before = model.get_weights()
-    want = model(xs[0], training=False).numpy()
+    want = model(xs[0], training=True).numpy()
+    moved = model.get_weights()
+    assert any(not np.array_equal(a, b) for a, b in zip(moved, before)), "Keras moved the base's BatchNorm statistics"
     for parts in (2, 4):
+        model.set_weights(before)
         out = hf.plan(model, parts, balance="flops").forward(xs, training=True)[0]
-        np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
-    for a, b in zip(model.get_weights(), before):  # no BatchNorm statistics moved
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=1e-5)
+        for a, b in zip(model.get_weights(), moved):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_masks_cross_every_cut():

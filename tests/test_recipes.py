@@ -41,8 +41,6 @@ def test_recipe_history_has_keras_keys_and_epochs(r, recipe):
     assert {k: len(v) for k, v in ours.items()} == {k: len(v) for k, v in ref.items()}
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: graph.run_call keeps the training=False that Keras records "
-                   "for a plain Dropout(rate)(x) call, so Dropout never drops under hf.fit")
 def test_dropout_drops_during_fit(r):
     # Without dropout the loss is exactly 4096 (see dropout_loss); Keras's is not.
     assert r["dropout_loss"]["keras"] != 4096.0

@@ -72,8 +72,6 @@ def test_keras_hub_backbone_nested_with_a_head():
     check(train_like_keras(build, [ids, np.zeros_like(ids), mask], y, 4))
 
 
-@pytest.mark.xfail(strict=True, reason="open: BatchNorm betas of a base called with training=False train differently "
-                   "from Keras (block_16_project_BN/beta 3.9e2 relative at P=2, Keras's floor 1e-10)")
 @pytest.mark.parametrize("parts", [2, 4])
 def test_transfer_learning_on_a_nested_base(parts):
     def build():
