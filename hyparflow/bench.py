@@ -18,6 +18,8 @@ import sys
 import time
 from typing import Any
 
+import keras
+
 from hyparflow.errors import ConfigError
 from hyparflow.launch import Launch
 
@@ -26,7 +28,6 @@ RESULT_TAG = "HYPARFLOW_BENCH_RESULT "
 
 # ---- workers (run inside the launched jobs) ------------------------------------------
 def _model_and_data(args):
-    import keras
     import numpy as np
 
     from hyparflow import models
@@ -41,24 +42,19 @@ def _model_and_data(args):
     return model, x, y
 
 
-class _StepClock:
-    """Keras callback timing windows of `steps` batches after `warmup` batches."""
+class _StepClock(keras.callbacks.Callback):
+    """Times windows of `steps` batches after `warmup` batches (`marks`)."""
 
-    def __new__(cls, warmup: int, steps: int):
-        import keras
+    def __init__(self, warmup: int, steps: int):
+        super().__init__()
+        self.warmup, self.steps = warmup, steps
+        self.marks: list[float] = []
+        self.batch = 0
 
-        class Clock(keras.callbacks.Callback):
-            def __init__(self):
-                super().__init__()
-                self.marks: list[float] = []
-                self.batch = 0
-
-            def on_train_batch_end(self, batch, logs=None):
-                self.batch += 1
-                if self.batch >= warmup and (self.batch - warmup) % steps == 0:
-                    self.marks.append(time.perf_counter())
-
-        return Clock()
+    def on_train_batch_end(self, batch, logs=None):
+        self.batch += 1
+        if self.batch >= self.warmup and (self.batch - self.warmup) % self.steps == 0:
+            self.marks.append(time.perf_counter())
 
 
 def _windows(marks: list[float], steps: int, batch_size: int) -> list[float]:
@@ -96,20 +92,14 @@ def _fit_calls(fit, args, slowest, first_callbacks=()) -> dict:
     }
 
 
-class _FirstBatch:
-    """Keras callback noting when the first batch of a call ends (`at`), then stopping the call."""
+class _FirstBatch(keras.callbacks.Callback):
+    """Notes when the first batch of a call ends (`at`), then stops the call."""
 
-    def __new__(cls):
-        import keras
+    at = float("nan")
 
-        class FirstBatch(keras.callbacks.Callback):
-            at = float("nan")
-
-            def on_train_batch_end(self, batch, logs=None):
-                self.at = time.perf_counter()
-                self.model.stop_training = True
-
-        return FirstBatch()
+    def on_train_batch_end(self, batch, logs=None):
+        self.at = time.perf_counter()
+        self.model.stop_training = True
 
 
 def worker_keras(args) -> dict:
@@ -179,11 +169,7 @@ def worker_hyparflow(args) -> dict:
 
     world = MPI.COMM_WORLD
     model, x, y = _model_and_data(args)
-    timers: dict[str, Any] = {}
-
-    class Timers(_timers_callback()):
-        def on_train_end(self, logs=None):
-            timers.update(self.collect())
+    timers = _Timers(args.warmup)
 
     def fit(**kw):
         return hf.fit(
@@ -199,34 +185,29 @@ def worker_hyparflow(args) -> dict:
             **kw,
         )
 
-    calls = _fit_calls(fit, args, lambda seconds: world.allreduce(seconds, op=MPI.MAX), [Timers(args.warmup)])
-    return {**calls, "peak_mb": world.gather(_peak_mb(), root=0), "stages": world.gather(timers, root=0)}
+    calls = _fit_calls(fit, args, lambda seconds: world.allreduce(seconds, op=MPI.MAX), [timers])
+    return {**calls, "peak_mb": world.gather(_peak_mb(), root=0), "stages": world.gather(timers.result, root=0)}
 
 
-def _timers_callback():
-    """A callback reading the stage runner's compute / wait / allreduce timers after warm-up."""
-    import keras
+class _Timers(keras.callbacks.Callback):
+    """Reads the executor's compute / wait / allreduce timers after warm-up (`result`)."""
 
-    class Timers(keras.callbacks.Callback):
-        def __init__(self, warmup: int):
-            super().__init__()
-            self.warmup, self.batch, self.start = warmup, 0, None
+    def __init__(self, warmup: int):
+        super().__init__()
+        self.warmup, self.batch = warmup, 0
+        self.start: tuple[float, dict[str, float]] = (0.0, {})
+        self.result: dict[str, Any] = {}
 
-        def on_train_batch_end(self, batch, logs=None):
-            self.batch += 1
-            if self.batch == self.warmup:
-                self.start = (time.perf_counter(), dict(self.params["hyparflow"]["timers"]))
+    def on_train_batch_end(self, batch, logs=None):
+        self.batch += 1
+        if self.batch == self.warmup:
+            self.start = (time.perf_counter(), dict(self.params["hyparflow"]["timers"]))
 
-        def collect(self) -> dict:
-            info = self.params["hyparflow"]
-            t0, before = self.start
-            wall = time.perf_counter() - t0
-            out = {k: info["timers"][k] - before[k] for k in info["timers"]}
-            out["wall"] = wall
-            out["stage"], out["replica"] = info["stage"], info["replica"]
-            return out
-
-    return Timers
+    def on_train_end(self, logs=None):
+        info = self.params["hyparflow"]
+        t0, before = self.start
+        self.result = {k: info["timers"][k] - before[k] for k in info["timers"]}
+        self.result.update(wall=time.perf_counter() - t0, stage=info["stage"], replica=info["replica"])
 
 
 def worker_comm(args) -> dict:
@@ -364,7 +345,7 @@ def _run(np_: int, kind: str, args, extra: list[str]) -> dict:
 
 
 def main(args) -> int:
-    variants = [{"name": "keras model.fit (1 process)", "kind": "keras", "np": 1, "extra": []}]
+    variants: list[dict[str, Any]] = [{"name": "keras model.fit (1 process)", "kind": "keras", "np": 1, "extra": []}]
     variants.append({"name": f"data-parallel baseline ({args.dp_ranks} ranks)", "kind": "dp", "np": args.dp_ranks, "extra": []})
     for c in _parse_configs(args.configs):
         extra = ["--P", str(c["P"]), "--M", str(c["M"]), "--schedule", c["schedule"]]

@@ -225,7 +225,7 @@ def resume(model, transport: Transport, resume_from: str | None, folder: str | N
     found: Any = None
     if transport.rank == 0:
         try:
-            found = (None, load(model, resume_from)) if resume_from is not None else latest(model, folder)
+            found = (None, load(model, resume_from)) if resume_from is not None else latest(model, folder or "")
         except ConfigError as e:
             found = e
     found = transport.bcast(found, root=0)

@@ -39,6 +39,8 @@ class _Step:
 class Executor:
     def __init__(self, compute: StageCompute, transport: Transport, schedule_kind: str):
         self.compute, self.transport, self.schedule_kind = compute, transport, schedule_kind
+        if transport.grid is None:
+            raise RuntimeError("the executor needs the session's grid: form it first")
         self.grid = transport.grid
         self.reducer = Reducer(transport, compute.loss_scaled, compute.variables, compute.plan.tied)
         self.tag = {t: 2 * i for i, t in enumerate(compute.plan.boundary)}

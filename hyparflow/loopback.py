@@ -152,7 +152,7 @@ class LoopbackComm:
         group = self.group + (f"split{self.collectives}", color)
         return LoopbackComm(self.world, members, members.index(self.members[self.me]), group)
 
-    def Split_type(self, split_type: Any = None, key: int = 0) -> LoopbackComm:
+    def Split_type(self, split_type: Any = None, key: int = 0) -> LoopbackComm | None:
         return self.Split(0, key)  # one process: one node
 
     def Free(self) -> None:

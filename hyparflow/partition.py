@@ -163,15 +163,15 @@ class Plan:
                 stage_of[i] = s
             self.stages.append(Stage(index=s, calls=graph.calls[bounds[s] : bounds[s + 1]], tensors=graph.tensors))
         self.stage_of_call = stage_of
-        for t in graph.tensors:
-            if t.producer < 0:
-                for s in sorted({stage_of[c] for c in t.consumers}):
-                    self.stages[s].data_inputs.append(t.model_input)
+        for info in graph.tensors:
+            if info.producer < 0:
+                for s in sorted({stage_of[c] for c in info.consumers}):
+                    self.stages[s].data_inputs.append(info.model_input)
                 continue
-            src = stage_of[t.producer]
-            for dst in sorted({stage_of[c] for c in t.consumers} - {src}):
-                self.stages[src].send.append((t.index, dst))
-                self.stages[dst].recv.append(t.index)
+            src = stage_of[info.producer]
+            for dst in sorted({stage_of[c] for c in info.consumers} - {src}):
+                self.stages[src].send.append((info.index, dst))
+                self.stages[dst].recv.append(info.index)
         for pos, t in enumerate(graph.output_tensors):
             producer = graph.tensors[t].producer
             if producer < 0:
@@ -316,17 +316,17 @@ def plan(
         balance = "time" if n <= TIME_PROFILE_MAX_CALLS else "flops"
     if isinstance(balance, str):
         graph.set_costs(balance)
-        memory = [c.param_bytes * STATE_BYTES_PER_PARAM_BYTE + c.act_bytes * microbatch_size for c in graph.calls]
+        memory = [float(c.param_bytes * STATE_BYTES_PER_PARAM_BYTE + c.act_bytes * microbatch_size) for c in graph.calls]
         starts = balanced_cuts([c.cost for c in graph.calls], num_partitions, memory, memory_limit)
         return Plan(graph, starts, balance)
     graph.set_costs("flops")
-    balance = list(balance)
-    if all(isinstance(b, int) for b in balance):
-        starts = _starts_from_counts(graph, balance, num_partitions)
-    elif all(isinstance(b, str) for b in balance):
-        starts = _starts_from_names(graph, balance, num_partitions)
+    items: list[Any] = list(balance)
+    if all(isinstance(b, int) for b in items):
+        starts = _starts_from_counts(graph, items, num_partitions)
+    elif all(isinstance(b, str) for b in items):
+        starts = _starts_from_names(graph, items, num_partitions)
     else:
-        raise ConfigError(f"balance={balance!r}: a list must hold only layer counts (int) or only layer names (str); cost models are {COST_MODELS}.")
+        raise ConfigError(f"balance={items!r}: a list must hold only layer counts (int) or only layer names (str); cost models are {COST_MODELS}.")
     return Plan(graph, starts, "explicit")
 
 
@@ -406,7 +406,9 @@ def balanced_cuts(
             lo = mid
         else:
             hi = mid
-    starts = greedy(hi)
+    found = greedy(hi)
+    assert found is not None, "greedy(hi) succeeded before the bisection and hi only shrinks to feasible values"
+    starts = found
     # Fewer stages than asked: split the costliest multi-call stages (never raises the max).
     while len(starts) < parts:
         bounds = starts + [n]

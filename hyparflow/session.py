@@ -42,8 +42,8 @@ def open_session(model, comm, layout_kw: dict[str, Any], balance=None, memory_li
     layout = Layout.resolve(world.size, **layout_kw)
     key = (id(world.world), layout, repr(balance), memory_limit, keras_compat.compile_identity(model))
     cached = _SESSIONS.get(model)
-    reusable = cached is not None and cached[0] == key
-    session = cached[1] if reusable else None
+    session = cached[1] if cached is not None and cached[0] == key else None
+    reusable = session is not None
     transport = session.transport if session is not None else world
     with phase("start-up"):
         transport.rendezvous("the start of a hyparflow call")
@@ -69,7 +69,7 @@ class Session:
             self.check_same_everywhere(
                 "model", graph.fingerprint, "every rank must build the same model (same layers, connections and weight shapes)."
             )
-            starts = None
+            starts: list[int] | ConfigError | None = None
             if transport.rank == 0:
                 try:
                     starts = make_plan(model, self.P, balance, memory_limit).starts
@@ -146,8 +146,8 @@ class Session:
             MicroBatch(
                 size=len(p),
                 inputs=[data.x[i][p] for i in st.data_inputs],
-                targets=[np.zeros(len(p), np.float32) if data.y[o] is None else data.y[o][p] for o in st.model_outputs],
-                weights=[None if data.sw[o] is None else data.sw[o][p] for o in st.model_outputs],
+                targets=[np.zeros(len(p), np.float32) if (y := data.y[o]) is None else y[p] for o in st.model_outputs],
+                weights=[None if (w := data.sw[o]) is None else w[p] for o in st.model_outputs],
             )
             for p in self._cut(shares[self.grid.replica])
         ]
