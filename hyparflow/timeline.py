@@ -105,7 +105,7 @@ class Timeline:
         os.makedirs(folder, exist_ok=True)
         tmp = f"{self.path}.tmp"
         with open(tmp, "w") as f:
-            json.dump(trace, f)
+            f.write(json.dumps(trace, separators=(",", ":")))  # one string: several times faster than json.dump
         os.replace(tmp, self.path)
         return trace
 
@@ -175,6 +175,8 @@ def _chrome_trace(per_rank: list[list[Event]], start: np.ndarray, end: np.ndarra
         times = np.array([(e[2], e[3]) for e in events], float).reshape(-1, 2)
         aligned.append(_to_rank0(times, start[rank], end[rank]))
     origin = min((float(a.min()) for a in aligned if a.size), default=0.0)
+    # (ts, dur) in microseconds, rounded to nanoseconds: converted per rank at once, not per event
+    micros = [np.round(np.stack([a[:, 0] - origin, a[:, 1] - a[:, 0]], axis=1) * 1e6, 3).tolist() for a in aligned]
     out: list[dict[str, Any]] = []
     ranks = []
     for rank, events in enumerate(per_rank):
@@ -183,9 +185,8 @@ def _chrome_trace(per_rank: list[list[Event]], start: np.ndarray, end: np.ndarra
         out.append({"name": "process_name", "ph": "M", "pid": rank, "tid": 0,
                     "args": {"name": f"rank {rank} (replica {replica}, stage {stage})"}})
         out.append({"name": "process_sort_index", "ph": "M", "pid": rank, "tid": 0, "args": {"sort_index": rank}})
-        for (name, cat, _, _, step, args), (t0, t1) in zip(events, aligned[rank]):
-            event = {"name": name, "cat": cat, "ph": "X", "pid": rank, "tid": 0,
-                     "ts": round((t0 - origin) * 1e6, 3), "dur": round((t1 - t0) * 1e6, 3)}
+        for (name, cat, _, _, step, args), (ts, dur) in zip(events, micros[rank]):
+            event = {"name": name, "cat": cat, "ph": "X", "pid": rank, "tid": 0, "ts": ts, "dur": dur}
             extra = dict(args or {})
             if step is not None:
                 extra.update(mode=step[0], step=step[1])

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 
 import keras
 import numpy as np
@@ -18,7 +17,9 @@ import hyparflow as hf
 
 world = MPI.COMM_WORLD
 rank = world.Get_rank()
-tmp = world.bcast(tempfile.mkdtemp(prefix="hf-timeline-") if rank == 0 else None, root=0)
+tmp = os.path.join(os.path.dirname(os.path.abspath(sys.argv[1])), "traces")  # the test's own folder
+if rank == 0:
+    os.makedirs(tmp)
 
 
 def mlp():
