@@ -144,7 +144,8 @@ def summary(trace: dict[str, Any], first: int | None = None, last: int | None = 
     start, end, first, last = window(trace, first, last)
     table = shares(trace, start, end)
     cols = ["compute", "wait", "allreduce", "optimizer", "data", "callback", "send", "idle"]
-    lines = [f"training steps {first}-{last}: {(end - start) / 1e3:.1f} ms on one clock; share of that time per rank (%)",
+    lines = [f"training steps {first}-{last}: {(end - start) / 1e3:.1f} ms on one clock; "
+             "share of that time per rank (%)",
              f"{'rank (replica, stage)':<24}" + "".join(f"{c:>10}" for c in cols)]
     for row in ranks(trace):
         got = table.get(row["rank"], {})
@@ -157,7 +158,8 @@ def summary(trace: dict[str, Any], first: int | None = None, last: int | None = 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("trace", help="a Chrome-trace file written by fit(timeline=...) or HYPARFLOW_TIMELINE")
     p.add_argument("--png", help="write the Gantt chart here")
-    p.add_argument("--steps", default=None, help="training steps to show, 'A' or 'A:B' (default: the fastest two in a row)")
+    p.add_argument("--steps", default=None,
+                   help="training steps to show, 'A' or 'A:B' (default: the fastest two in a row)")
 
 
 def main(args: argparse.Namespace) -> int:

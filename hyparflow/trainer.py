@@ -14,7 +14,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from hyparflow import checkpoint, inputs, keras_compat, loop, timeline as timelines
+from hyparflow import checkpoint, inputs, keras_compat, loop
+from hyparflow import timeline as timelines
 from hyparflow.callbacks import Callbacks
 from hyparflow.checkpoint import broadcast_variables, gather_stages
 from hyparflow.errors import ConfigError

@@ -27,8 +27,10 @@ def check_trace(trace: dict, kind: str, P: int, R: int, M: int, steps: int, test
     assert (info["schedule"], info["num_partitions"], info["num_replicas"], info["num_microbatches"]) == (kind, P, R, M)
     place = {r["rank"]: (r["replica"], r["stage"]) for r in info["ranks"]}
     ranks_of = {v: k for k, v in place.items()}
-    assert sorted(place) == list(range(P * R)) and sorted(place.values()) == [(r, s) for r in range(R) for s in range(P)]
-    names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M" and e["name"] == "process_name"}
+    assert sorted(place) == list(range(P * R))
+    assert sorted(place.values()) == [(r, s) for r in range(R) for s in range(P)]
+    meta = [e for e in trace["traceEvents"] if e["ph"] == "M" and e["name"] == "process_name"]
+    names = {e["pid"]: e["args"]["name"] for e in meta}
     assert names == {rank: f"rank {rank} (replica {r}, stage {s})" for rank, (r, s) in place.items()}
     by_rank = defaultdict(list)
     for e in events:
@@ -38,7 +40,8 @@ def check_trace(trace: dict, kind: str, P: int, R: int, M: int, steps: int, test
         replica, stage = place[rank]
         mine.sort(key=lambda e: e["ts"])
         step_events = [e for e in mine if e["cat"] == "step"]
-        assert [e["name"] for e in step_events if e["args"]["mode"] == "train"] == [f"train step {i}" for i in range(steps)]
+        trained = [e["name"] for e in step_events if e["args"]["mode"] == "train"]
+        assert trained == [f"train step {i}" for i in range(steps)]
         assert sum(e["args"]["mode"] == "test" for e in step_events) == test_steps
         flat = [e for e in mine if e["cat"] in SEQUENTIAL]
         for a, b in zip(flat, flat[1:]):
@@ -90,8 +93,9 @@ def test_timeline_on_loopback_ranks(tmp_path, capsys):
     for m in models:
         m.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     path = str(tmp_path / "trace.json")
-    loopback.run(2, lambda comm: hf.fit(models[comm.Get_rank()], x, y, batch_size=8, epochs=1, verbose=0, num_partitions=2,
-                                        num_microbatches=3, schedule="gpipe", timeline=path, comm=comm))
+    loopback.run(2, lambda comm: hf.fit(models[comm.Get_rank()], x, y, batch_size=8, epochs=1, verbose=0,
+                                        num_partitions=2, num_microbatches=3, schedule="gpipe", timeline=path,
+                                        comm=comm))
     with open(path) as f:
         trace = json.load(f)
     check_trace(trace, "gpipe", 2, 1, 3, 4, 0)

@@ -43,7 +43,7 @@ hf.fit(mlp(), X, Y, batch_size=16, epochs=1, verbose=0, num_partitions=4, num_mi
 del os.environ["HYPARFLOW_TIMELINE"]
 world.Barrier()
 before = os.stat(runs["1f1b"]["path"]).st_mtime_ns if rank == 0 else 0
-hf.fit(model, X, Y, batch_size=16, epochs=1, verbose=0, num_partitions=2, num_microbatches=4)  # the session reused, untraced
+hf.fit(model, X, Y, batch_size=16, epochs=1, verbose=0, num_partitions=2, num_microbatches=4)  # reused session, no trace
 
 if rank == 0:
     with open(sys.argv[1], "w") as f:
