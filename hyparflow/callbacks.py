@@ -18,6 +18,7 @@ from hyparflow.failures import phase
 from hyparflow.keras_compat import is_default
 from hyparflow.loop import OnBatch, world_sum
 from hyparflow.session import Session
+from hyparflow.timeline import now
 
 RANK0_CALLBACKS = (keras.callbacks.ModelCheckpoint, keras.callbacks.CSVLogger, keras.callbacks.TensorBoard, keras.callbacks.ProgbarLogger)
 MODES = ("train", "test", "predict")
@@ -47,6 +48,7 @@ class Callbacks:
         agreed = world_sum(session, np.array(local, float), "callback agreement", op="max") if mode != "predict" else local
         self.weights_on_rank0 = bool(agreed[0])
         self.batch_hooks = {m: bool(f) for m, f in zip(MODES, agreed[1:])}
+        self.timeline = session.timeline
 
     @staticmethod
     def _params(session: Session) -> dict[str, Any]:
@@ -56,9 +58,12 @@ class Callbacks:
         return {"stage": grid.stage, "replica": grid.replica, "timers": executor.timers if executor else {}}
 
     def call(self, hook: str, *args, label: str = "") -> None:
-        """Run `hook` of every callback, labelled for failure messages."""
+        """Run `hook` of every callback, labelled for failure messages (and timed on a timeline)."""
         with phase(f"callback {hook}{label}"):
+            t0 = now() if self.timeline is not None else 0.0
             getattr(self.list, hook)(*args)
+            if self.timeline is not None:
+                self.timeline.add(hook, "callback", t0)
 
     def on_batch(self, mode: str, epoch: int) -> OnBatch | None:
         """The per-step hook for `loop.run_epoch`, or None when no rank's callback reads

@@ -1,5 +1,6 @@
 """The `hyparflow` command: info, plan, run (a launcher like horovodrun), train (a YAML job),
-bench (throughput against plain Keras and a data-parallel baseline)."""
+bench (throughput against plain Keras and a data-parallel baseline), timeline (a trace drawn
+as a Gantt chart)."""
 
 from __future__ import annotations
 
@@ -87,6 +88,12 @@ def _train(args) -> int:
     return 0
 
 
+def _timeline(args) -> int:
+    from hyparflow.gantt import main as gantt_main
+
+    return gantt_main(args)
+
+
 def _bench(args) -> int:
     from hyparflow.bench import main as bench_main
 
@@ -132,6 +139,12 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="throughput: plain Keras vs data-parallel baseline vs hyparflow grids, and MPI bandwidth")
     add_arguments(b)
     b.set_defaults(fn=_bench)
+
+    from hyparflow.gantt import add_arguments as timeline_arguments
+
+    tl = sub.add_parser("timeline", help="draw a fit(timeline=...) trace as a Gantt chart; print where each rank's time went")
+    timeline_arguments(tl)
+    tl.set_defaults(fn=_timeline)
     return p
 
 

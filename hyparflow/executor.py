@@ -2,11 +2,14 @@
 the stage, ships its activations forward and its input gradients back, then hands the
 accumulated gradients to the reducer and the optimizer.
 
-`timers` accumulates seconds of compute, of waiting on peers, and of gradient reduction.
+`timers` accumulates seconds of compute, of waiting on peers, and of gradient reduction;
+`timeline`, when a `hyparflow.timeline.Timeline` records, receives each step, compute,
+send, allreduce and optimizer event (the transport records the waits).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +23,10 @@ from hyparflow.graph import np_dtype
 from hyparflow.reducer import Reducer
 from hyparflow.schedule import FORWARD, schedule
 from hyparflow.stage import MicroBatch, StageCompute, StepNorm
+from hyparflow.timeline import Timeline
 from hyparflow.transport import Transport, aligned_empty, to_numpy, to_tensor
+
+_COMPUTE_NAMES = {"forward": "forward", "backward": "backward", "fused": "forward+backward"}  # timeline event names
 
 
 @dataclass
@@ -45,6 +51,7 @@ class Executor:
         self.reducer = Reducer(transport, compute.loss_scaled, compute.variables, compute.plan.tied)
         self.tag = {t: 2 * i for i, t in enumerate(compute.plan.boundary)}
         self.timers = {"compute": 0.0, "wait": 0.0, "allreduce": 0.0}
+        self.timeline: Timeline | None = None
 
     # ---- transfers ------------------------------------------------------------------
     def _post_recvs(self, sizes: Sequence[int], tensors: list[int], peers: Callable[[int], list[int]], offset: int) -> dict:
@@ -66,8 +73,12 @@ class Executor:
         return buf
 
     def _send(self, pending: list, value, dest: int, tag: int) -> None:
+        timeline = self.timeline
+        t0 = time.perf_counter() if timeline is not None else 0.0
         array = to_numpy(value) if hasattr(value, "numpy") else value
         pending.append((array, self.transport.isend(array, dest, tag)))
+        if timeline is not None:
+            timeline.add(f"send to rank {self.grid.ranks[self.grid.replica][dest]}", "send", t0)
 
     def _send_activations(self, pending: list, sends) -> None:
         for t, value in zip(self.compute.send_ids, sends):
@@ -91,6 +102,8 @@ class Executor:
         """Run the schedule over `micro`, reduce, apply. Returns this rank's share of the
         step's loss, and of each output's unweighted loss."""
         c, sizes = self.compute, [mb.size for mb in micro]
+        if self.timeline is not None:
+            self.timeline.begin_step("train")
         step = _Step(
             fwd_posted=self._post_recvs(sizes, c.stage.recv, lambda t: [c.src[t]], 0),
             bwd_posted=self._post_recvs(sizes, c.send_float, lambda t: c.dests[t], 1),
@@ -107,6 +120,8 @@ class Executor:
         with phase("sends to neighbouring stages"):
             self.transport.wait([r for _, r in step.pending], "sends to neighbouring stages")
         self._update()
+        if self.timeline is not None:
+            self.timeline.end_step()
         return step.loss, step.parts
 
     def _update(self) -> None:
@@ -114,17 +129,31 @@ class Executor:
         if not c.variables and not c.loss_scaled:
             return
         if not self.reducer.needed:
-            with phase("optimizer"):
+            with phase("optimizer"), self._span("optimizer", "optimizer"):
                 c.apply_accumulated()
             return
         with phase("allreduce"):
             t0 = time.perf_counter()
             flat = to_numpy(c.flat_grads()) if c.variables else np.zeros(0, np.float32)
             summed = self.reducer.reduce(flat)
-            self.timers["allreduce"] += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            self.timers["allreduce"] += t1 - t0
+            if self.timeline is not None:
+                self.timeline.add("gradient allreduce", "allreduce", t0, t1, {"bytes": flat.nbytes})
         if c.variables:
-            with phase("optimizer"):
+            with phase("optimizer"), self._span("optimizer", "optimizer"):
                 c.apply_flat(to_tensor(summed))
+
+    def _span(self, name: str, cat: str):
+        """The block recorded as one timeline event, when a timeline records."""
+        return self.timeline.span(name, cat) if self.timeline is not None else contextlib.nullcontext()
+
+    def _compute_done(self, cat: str, m: int, t0: float) -> None:
+        """Count compute since `t0`, and record it as micro-batch `m`'s `cat` event."""
+        t1 = time.perf_counter()
+        self.timers["compute"] += t1 - t0
+        if self.timeline is not None:
+            self.timeline.add(f"{_COMPUTE_NAMES[cat]} {m}", cat, t0, t1, {"micro_batch": m})
 
     def _forward(self, step: _Step, m: int, mb: MicroBatch, norm: StepNorm) -> None:
         c = self.compute
@@ -135,7 +164,7 @@ class Executor:
             step.stash[m] = in_grads
         else:
             sends, loss, per_output, step.stash[m] = c.forward(args, step.divisors, self._reg_scale(norm, mb))
-        self.timers["compute"] += time.perf_counter() - t0
+        self._compute_done("fused" if c.fused else "forward", m, t0)
         step.loss += float(loss)
         step.parts[c.stage.model_outputs] += [float(p) for p in per_output]
         self._send_activations(step.pending, sends)
@@ -152,7 +181,7 @@ class Executor:
                 out_grads.append(to_tensor(pieces[0]) if len(pieces) == 1 else tf.convert_to_tensor(np.sum(pieces, axis=0)))
             t0 = time.perf_counter()
             in_grads = c.backward(step.stash.pop(m), out_grads)
-            self.timers["compute"] += time.perf_counter() - t0
+            self._compute_done("backward", m, t0)
         for t, g in zip(c.recv_float, in_grads):
             self._send(step.pending, g, c.src[t], self.tag[t] + 1)
 
@@ -164,9 +193,12 @@ class Executor:
         posted = self._post_recvs([mb.size for mb in micro], c.stage.recv, lambda t: [c.src[t]], 0)
         pending: list = []
         loss_total, parts, outputs = 0.0, np.zeros(len(c.plan.graph.output_names)), []
+        if self.timeline is not None:
+            self.timeline.begin_step("test" if norm is not None else "predict")
         with phase("forward"):
             for m, mb in enumerate(micro):
                 recv_vals, data_vals, ys, sws = self._inputs(posted, m, mb)
+                t0 = time.perf_counter()
                 if norm is None:
                     sends, preds = c.predict(recv_vals, data_vals)
                 else:
@@ -174,7 +206,10 @@ class Executor:
                     sends, loss, per_output, preds = c.infer(recv_vals, data_vals, ys, sws, divisors, self._reg_scale(norm, mb))
                     loss_total += float(loss)
                     parts[c.stage.model_outputs] += [float(p) for p in per_output]
+                self._compute_done("forward", m, t0)
                 outputs.append(preds)
                 self._send_activations(pending, sends)
             self.transport.wait([r for _, r in pending], "sends to neighbouring stages")
+        if self.timeline is not None:
+            self.timeline.end_step()
         return loss_total, parts, outputs

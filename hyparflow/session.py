@@ -25,6 +25,7 @@ from hyparflow.partition import Plan
 from hyparflow.partition import plan as make_plan
 from hyparflow.settings import Layout
 from hyparflow.stage import MicroBatch, StageCompute, StepNorm
+from hyparflow.timeline import Timeline, now
 from hyparflow.transport import Transport
 
 log = logging.getLogger("hyparflow")
@@ -92,6 +93,7 @@ class Session:
         self.executor: Executor | None = None
         self.objective: Objective | None = None
         self.with_targets = False
+        self.timeline: Timeline | None = None  # recording `fit`'s timeline, when asked to
 
     @property
     def compute(self) -> StageCompute:
@@ -140,6 +142,8 @@ class Session:
         """This rank's micro-batches of global batch `idx`, and the step's normalisers."""
         if self.objective is None:
             raise RuntimeError("the session's objective is not built: call start() first")
+        timeline = self.timeline
+        t0 = now() if timeline is not None else 0.0
         shares = np.array_split(idx, self.R)
         st = self.stage
         micro = [
@@ -153,4 +157,6 @@ class Session:
         ]
         divisors = self.objective.divisors(data.x, data.y, data.sw, idx)
         total_micro = sum(min(self.M, len(s)) for s in shares)
+        if timeline is not None:
+            timeline.add("prepare micro-batches", "data", t0)
         return micro, StepNorm(divisors, 1.0 / max(total_micro, 1), len(idx))

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from hyparflow import checkpoint, inputs, keras_compat, loop
+from hyparflow import timeline as timelines
 from hyparflow.callbacks import Callbacks
 from hyparflow.checkpoint import broadcast_variables, gather_stages
 from hyparflow.errors import ConfigError
@@ -94,6 +95,7 @@ def fit(
     checkpoint_every: int = 1,
     checkpoint_keep: int = 3,
     resume: bool = True,
+    timeline: str | None = None,
     comm=None,
 ) -> keras.callbacks.History:
     """Train `model` like `model.fit` (same keywords, same meaning), split into
@@ -112,9 +114,14 @@ def fit(
     layout) before training. `checkpoint_dir` writes `epoch-NNNNN.keras` every
     `checkpoint_every` epochs, keeps the newest `checkpoint_keep`, and (with `resume`)
     starts from the newest checkpoint rank 0 can read, continuing at its epoch.
+    `timeline` (default: HYPARFLOW_TIMELINE): a Chrome-trace JSON file that rank 0 writes
+    with every rank's steps, forwards, backwards, waits, sends, allreduces, optimizer steps,
+    data loading and callbacks on one clock (see `hyparflow.timeline`); draw it with
+    `hyparflow timeline FILE --png schedule.png`.
     `comm`: an mpi4py communicator, or a `hyparflow.loopback` one (default: the world).
     """
     _check_model(model, "fit")
+    trace_path = timelines.path_from(timeline)
     if batch_size is not None:
         batch_size = positive_int("batch_size", batch_size, what=" (the global batch)")
     epochs = positive_int("epochs", epochs, minimum=0)
@@ -129,14 +136,17 @@ def fit(
                                            shuffle, seed, steps_per_epoch, validation_steps)
     session.start(train.first)
     settings = (batch_size, epochs, initial_epoch, steps_per_epoch, shuffle, seed, validation_split, train.steps,
-                inputs.shapes(train.first), val is not None, resume_from is not None, checkpoint_dir is not None)
+                inputs.shapes(train.first), val is not None, resume_from is not None, checkpoint_dir is not None,
+                trace_path is not None)
     session.check_same_everywhere("training settings (batch_size, epochs, data shapes, steps, shuffle, seed, "
-                                  "validation, checkpoints)", repr(settings))
+                                  "validation, checkpoints, timeline)", repr(settings))
     found_epoch, opt_state = checkpoint.resume(model, transport, resume_from, checkpoint_dir if resume else None)
     initial_epoch = max(initial_epoch, found_epoch or 0)
     if opt_state is not None:
         compute = session.compute
         checkpoint.restore_optimizer_state(compute.optimizer, model, compute.variables, opt_state)
+    with distributed(transport):
+        recorder = timelines.Timeline.start(session, trace_path) if trace_path is not None else None
     cbs = Callbacks(session, callbacks, _verbose(verbose, transport.rank), "train", epochs, train.steps)
     with distributed(transport):
         with phase("initial weight broadcast"):
@@ -146,10 +156,12 @@ def fit(
         logs: dict[str, float] | None = None
         for epoch in range(initial_epoch, epochs):
             cbs.call("on_epoch_begin", epoch, label=f" (epoch {epoch})")
-            logs = loop.run_epoch(session, train.epoch(epoch), train=True, on_batch=cbs.on_batch("train", epoch))
+            batches = timelines.timed_batches(recorder, train.epoch(epoch))
+            logs = loop.run_epoch(session, batches, train=True, on_batch=cbs.on_batch("train", epoch))
             if val is not None and _should_validate(epoch, validation_freq):
                 cbs.call("on_test_begin")
-                val_logs = loop.run_epoch(session, val.epoch(0), train=False, on_batch=cbs.on_batch("test", epoch))
+                batches = timelines.timed_batches(recorder, val.epoch(0))
+                val_logs = loop.run_epoch(session, batches, train=False, on_batch=cbs.on_batch("test", epoch))
                 cbs.call("on_test_end", val_logs)
                 logs.update({f"val_{k}": v for k, v in val_logs.items()})
             loop.sync_replica_state(session)
@@ -160,6 +172,8 @@ def fit(
         cbs.call("on_train_end", logs)
         with phase("weight gather"):
             gather_stages(session.plan, transport, to_all=gather == "all")
+        if recorder is not None:
+            recorder.finish()
     return cbs.history
 
 

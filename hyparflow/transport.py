@@ -152,6 +152,7 @@ class Transport:
         self.tied: dict[tuple[int, ...], Any] = {}  # stage set -> group of its ranks (this rank's sets only)
         self.watchdog = Watchdog.get()
         self.where = f"rank {self.rank}"
+        self.timeline: Any = None  # a hyparflow.timeline.Timeline while one records: it receives every wait
 
     @property
     def is_mpi(self) -> bool:
@@ -305,6 +306,8 @@ class Transport:
         peer = "the other ranks in a collective" if rank is None else self._name(rank)
         key = threading.get_ident()
         self.watchdog.waits[key] = (time.monotonic(), self.where, f"{peer} ({what})", self)
+        timeline = self.timeline
+        t0 = time.perf_counter() if timeline is not None else 0.0
         try:
             if self.is_mpi:
                 MPI.Request.Waitall(requests)
@@ -313,6 +316,9 @@ class Transport:
                     req.Wait()
         finally:
             self.watchdog.waits.pop(key, None)
+        if timeline is not None:
+            timeline.add(f"wait for rank {rank}" if rank is not None else f"wait: {what}", "wait", t0,
+                         args={"for": what, "peer": rank})
 
     def _name(self, rank: int) -> str:
         return self.grid.where(rank) if self.grid is not None else f"rank {rank}"

@@ -1,0 +1,107 @@
+"""The timeline of `fit(timeline=...)`: under real mpirun (4 ranks, one launch) and on
+loopback ranks, every rank's row, one forward and one backward (or one fused event) per
+micro-batch and step in the schedule's order, no overlaps, causality across stages on the
+merged clock, and the Gantt chart drawn from the file."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import keras
+import numpy as np
+import pytest
+import zoo
+from conftest import run_script
+
+import hyparflow as hf
+from hyparflow import cli, gantt, loopback
+from hyparflow.schedule import FORWARD, schedule
+
+SEQUENTIAL = ("forward", "backward", "fused", "send", "allreduce", "optimizer", "data", "callback")  # never nest
+
+
+def check_trace(trace: dict, kind: str, P: int, R: int, M: int, steps: int, test_steps: int) -> None:
+    """Assert everything a timeline promises about a fit of zoo.mlp (its last stage fused)."""
+    info, events = trace["otherData"], [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert (info["schedule"], info["num_partitions"], info["num_replicas"], info["num_microbatches"]) == (kind, P, R, M)
+    place = {r["rank"]: (r["replica"], r["stage"]) for r in info["ranks"]}
+    ranks_of = {v: k for k, v in place.items()}
+    assert sorted(place) == list(range(P * R))
+    assert sorted(place.values()) == [(r, s) for r in range(R) for s in range(P)]
+    meta = [e for e in trace["traceEvents"] if e["ph"] == "M" and e["name"] == "process_name"]
+    names = {e["pid"]: e["args"]["name"] for e in meta}
+    assert names == {rank: f"rank {rank} (replica {r}, stage {s})" for rank, (r, s) in place.items()}
+    by_rank = defaultdict(list)
+    for e in events:
+        by_rank[e["pid"]].append(e)
+    compute: dict[tuple, dict] = {}  # (replica, stage, step, op, m) -> event
+    for rank, mine in by_rank.items():
+        replica, stage = place[rank]
+        mine.sort(key=lambda e: e["ts"])
+        step_events = [e for e in mine if e["cat"] == "step"]
+        trained = [e["name"] for e in step_events if e["args"]["mode"] == "train"]
+        assert trained == [f"train step {i}" for i in range(steps)]
+        assert sum(e["args"]["mode"] == "test" for e in step_events) == test_steps
+        flat = [e for e in mine if e["cat"] in SEQUENTIAL]
+        for a, b in zip(flat, flat[1:]):
+            assert b["ts"] >= a["ts"] + a["dur"] - 0.01, f"rank {rank}: {a['name']} overlaps {b['name']}"
+        fused = stage == P - 1
+        expected = [("fused" if fused else "forward", m) if op == FORWARD else ("backward", m)
+                    for op, m in schedule(kind, P, stage, M) if not (fused and op != FORWARD)]
+        for i in range(steps):
+            ops = [e for e in mine if e["cat"] in ("forward", "backward", "fused") and e["args"]["mode"] == "train"
+                   and e["args"]["step"] == i]
+            assert [(e["cat"], e["args"]["micro_batch"]) for e in ops] == expected, f"rank {rank}, step {i}"
+            for e in ops:
+                compute[(replica, stage, i, "B" if e["cat"] == "backward" else "F", e["args"]["micro_batch"])] = e
+        assert sum(e["cat"] == "optimizer" for e in mine) == steps
+        assert sum(e["cat"] == "allreduce" for e in mine) == (steps if R > 1 else 0)
+        assert {e["cat"] for e in mine} >= {"data", "callback", "send", "wait"}
+        if stage > 0:
+            waits = [e for e in mine if e["cat"] == "wait" and "activations of micro-batch" in e["args"]["for"]]
+            assert waits and all(e["args"]["peer"] == ranks_of[(replica, stage - 1)] for e in waits)
+    err = info["clock_error_us"]
+    for (replica, stage, i, op, m), e in compute.items():
+        if op == "F" and stage + 1 < P:  # activations flow forward...
+            after, before = compute[(replica, stage + 1, i, "F", m)], e
+        elif op == "B" and stage + 1 < P:  # ...and their gradients back (from a fused event)
+            after, before = e, compute[(replica, stage + 1, i, "B" if stage + 1 < P - 1 else "F", m)]
+        else:
+            continue
+        tol = err[ranks_of[(replica, stage)]] + err[ranks_of[(replica, stage + 1)]] + 0.01
+        assert after["ts"] >= before["ts"] + before["dur"] - tol, (replica, stage, i, op, m)
+
+
+@pytest.mark.mpi
+def test_timeline_under_mpirun(tmp_path):
+    r = run_script(4, "timeline.py", tmp=tmp_path, timeout=600)
+    for kind, run in r["runs"].items():
+        with open(run["path"]) as f:
+            trace = json.load(f)
+        check_trace(trace, kind, run["P"], run["R"], run["M"], run["steps"], run["test_steps"])
+        png = tmp_path / f"{kind}.png"
+        assert cli.main(["timeline", run["path"], "--png", str(png)]) == 0
+        assert png.stat().st_size > 10_000
+    assert r["untouched"] and r["files"] == ["sub", "trace-gpipe.json"]  # no timeline: nothing written
+
+
+def test_timeline_on_loopback_ranks(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((32, 12)).astype("float32"), rng.integers(0, 4, 32)
+    models = [zoo.mlp(0) for _ in range(2)]
+    for m in models:
+        m.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    path = str(tmp_path / "trace.json")
+    loopback.run(2, lambda comm: hf.fit(models[comm.Get_rank()], x, y, batch_size=8, epochs=1, verbose=0,
+                                        num_partitions=2, num_microbatches=3, schedule="gpipe", timeline=path,
+                                        comm=comm))
+    with open(path) as f:
+        trace = json.load(f)
+    check_trace(trace, "gpipe", 2, 1, 3, 4, 0)
+    assert cli.main(["timeline", path, "--steps", "1:2"]) == 0
+    table = capsys.readouterr().out
+    assert "training steps 1-2" in table and "compute" in table
+    start, end, *_ = gantt.window(trace, 1, 2)
+    for rank, share in gantt.shares(trace, start, end).items():
+        assert sum(share.values()) == pytest.approx(1.0) and share["forward"] + share["fused"] > 0, rank
