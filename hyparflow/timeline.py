@@ -98,8 +98,8 @@ class Timeline:
         with phase("timeline merge"):
             clock_end = _clock_offsets(session.transport)
             gathered = session.transport.gather(self.events, root=0)
-        if gathered is None:
-            return None
+        if gathered is None or self._clock_start is None or clock_end is None:
+            return None  # not rank 0: only rank 0 gathers and estimates the clocks
         trace = _chrome_trace(gathered, self._clock_start, clock_end, session)
         folder = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(folder, exist_ok=True)
