@@ -34,7 +34,10 @@ def _model_and_data(args):
 
     keras.utils.set_random_seed(0)
     model = models.build(args.model, (32, 32, 3), 10)
-    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     n = args.batch_size * (args.warmup + args.windows * args.steps)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, 32, 32, 3)).astype("float32")
@@ -159,7 +162,11 @@ def worker_dp(args) -> dict:
         if step + 1 >= args.warmup and (step + 1 - args.warmup) % args.steps == 0:
             world.Barrier()
             marks.append(time.perf_counter())
-    return {"throughput": _windows(marks, args.steps, args.batch_size), "backend": backend, "peak_mb": world.gather(_peak_mb(), root=0)}
+    return {
+        "throughput": _windows(marks, args.steps, args.batch_size),
+        "backend": backend,
+        "peak_mb": world.gather(_peak_mb(), root=0),
+    }
 
 
 def worker_hyparflow(args) -> dict:
@@ -305,7 +312,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--windows", type=int, default=3, help="timed windows per run")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (tracing, caches)")
     p.add_argument("--epochs", type=int, default=1, help="epochs of each fit call timed as a whole")
-    p.add_argument("--balance", default=None, help="partitioner cost model (default: hyparflow's: time, or flops for big models)")
+    p.add_argument(
+        "--balance", default=None, help="partitioner cost model (default: hyparflow's: time, or flops for big models)"
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -313,10 +322,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", default="1x1x1,1x2x1,2x1x8", help="hyparflow grids PxRxM[:schedule], comma-separated")
     p.add_argument("--dp-ranks", type=int, default=2, help="ranks of the data-parallel baseline")
     p.add_argument("--repeats", type=int, default=2, help="alternating rounds over all variants")
-    p.add_argument("--comm-sizes", default="1,4,16,64", help="MB sizes for the communication microbenchmarks ('' to skip)")
+    p.add_argument(
+        "--comm-sizes", default="1,4,16,64", help="MB sizes for the communication microbenchmarks ('' to skip)"
+    )
     p.add_argument("--out", default="bench-results", help="folder for bench.json and bench.png")
-    p.add_argument("--compare", default=None, metavar="OLD_JSON",
-                   help="a previous run's bench.json to print the new numbers against")
+    p.add_argument(
+        "--compare",
+        default=None,
+        metavar="OLD_JSON",
+        help="a previous run's bench.json to print the new numbers against",
+    )
 
 
 def _parse_configs(text: str) -> list[dict]:
@@ -327,7 +342,15 @@ def _parse_configs(text: str) -> list[dict]:
             P, R, M = (int(v) for v in grid.lower().split("x"))
         except ValueError:
             raise ConfigError(f"--configs item {item!r}: expected PxRxM, e.g. 2x1x8 or 2x1x8:gpipe") from None
-        out.append({"name": f"hyparflow P={P} R={R} M={M} {schedule or '1f1b'}", "P": P, "R": R, "M": M, "schedule": schedule or "1f1b"})
+        out.append(
+            {
+                "name": f"hyparflow P={P} R={R} M={M} {schedule or '1f1b'}",
+                "P": P,
+                "R": R,
+                "M": M,
+                "schedule": schedule or "1f1b",
+            }
+        )
     return out
 
 
@@ -346,7 +369,9 @@ def _run(np_: int, kind: str, args, extra: list[str]) -> dict:
 
 def main(args) -> int:
     variants: list[dict[str, Any]] = [{"name": "keras model.fit (1 process)", "kind": "keras", "np": 1, "extra": []}]
-    variants.append({"name": f"data-parallel baseline ({args.dp_ranks} ranks)", "kind": "dp", "np": args.dp_ranks, "extra": []})
+    variants.append(
+        {"name": f"data-parallel baseline ({args.dp_ranks} ranks)", "kind": "dp", "np": args.dp_ranks, "extra": []}
+    )
     for c in _parse_configs(args.configs):
         extra = ["--P", str(c["P"]), "--M", str(c["M"]), "--schedule", c["schedule"]]
         variants.append({"name": c["name"], "kind": "hyparflow", "np": c["P"] * c["R"], "extra": extra, **c})
@@ -427,20 +452,27 @@ def _print(report: dict) -> None:
     for r in report["rows"]:
         bubble = f"{r['bubble_measured']:.2f}/{r['bubble_bound']:.2f}" if r.get("bubble_measured") is not None else "-"
         name = r["name"] + (f" [{r['backend']}]" if r.get("backend") else "")
-        print(f"{name[:40]:<40} {r['ranks']:>5} {r['throughput']:>10.1f} {r['vs_keras']:>9.2f} {r['vs_dp_baseline']:>7.2f} {bubble:>14} {r['peak_mb']:>8.0f}")
+        print(
+            f"{name[:40]:<40} {r['ranks']:>5} {r['throughput']:>10.1f} {r['vs_keras']:>9.2f} "
+            f"{r['vs_dp_baseline']:>7.2f} {bubble:>14} {r['peak_mb']:>8.0f}"
+        )
         for s in r.get("stages", []):
             wall = s["wall"] or 1
             print(
-                f"{'':<6}stage {s['stage']} replica {s['replica']}: compute {s['compute'] / wall:.0%}, waiting on peers {s['wait'] / wall:.0%}, allreduce {s['allreduce'] / wall:.0%}"
+                f"{'':<6}stage {s['stage']} replica {s['replica']}: compute {s['compute'] / wall:.0%}, waiting on "
+                f"peers {s['wait'] / wall:.0%}, allreduce {s['allreduce'] / wall:.0%}"
             )
         if r.get("efficiency_vs_bubble_bound") is not None:
             print(f"{'':<6}step time vs bubble-bound ideal: {r['efficiency_vs_bubble_bound']:.2f}")
     _print_calls(report["rows"])
     for size, c in report.get("comm", {}).items():
         print(
-            f"{size:>5} MB  send/recv raw {c['sendrecv_raw_GBs']:.2f} GB/s, hyparflow {c['sendrecv_hyparflow_GBs']:.2f} GB/s "
-            f"({c['sendrecv_hyparflow_GBs'] / c['sendrecv_raw_GBs']:.0%});  allreduce raw {c['allreduce_raw_GBs']:.2f} GB/s, "
-            f"hyparflow {c['allreduce_hyparflow_GBs']:.2f} GB/s ({c['allreduce_hyparflow_GBs'] / c['allreduce_raw_GBs']:.0%})"
+            f"{size:>5} MB  send/recv raw {c['sendrecv_raw_GBs']:.2f} GB/s, hyparflow "
+            f"{c['sendrecv_hyparflow_GBs']:.2f} GB/s "
+            f"({c['sendrecv_hyparflow_GBs'] / c['sendrecv_raw_GBs']:.0%});  allreduce raw "
+            f"{c['allreduce_raw_GBs']:.2f} GB/s, "
+            f"hyparflow {c['allreduce_hyparflow_GBs']:.2f} GB/s "
+            f"({c['allreduce_hyparflow_GBs'] / c['allreduce_raw_GBs']:.0%})"
         )
 
 

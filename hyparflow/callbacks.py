@@ -20,13 +20,20 @@ from hyparflow.loop import OnBatch, world_sum
 from hyparflow.session import Session
 from hyparflow.timeline import now
 
-RANK0_CALLBACKS = (keras.callbacks.ModelCheckpoint, keras.callbacks.CSVLogger, keras.callbacks.TensorBoard, keras.callbacks.ProgbarLogger)
+RANK0_CALLBACKS = (
+    keras.callbacks.ModelCheckpoint,
+    keras.callbacks.CSVLogger,
+    keras.callbacks.TensorBoard,
+    keras.callbacks.ProgbarLogger,
+)
 MODES = ("train", "test", "predict")
 
 
 def has_batch_hooks(callback, mode: str = "train") -> bool:
     """Whether a Keras callback overrides a batch hook of `mode` (Keras marks its defaults)."""
-    hooks = [f"on_{mode}_batch_begin", f"on_{mode}_batch_end"] + (["on_batch_begin", "on_batch_end"] if mode == "train" else [])
+    hooks = [f"on_{mode}_batch_begin", f"on_{mode}_batch_end"] + (
+        ["on_batch_begin", "on_batch_end"] if mode == "train" else []
+    )
     return any(not is_default(getattr(callback, h)) for h in hooks)
 
 
@@ -34,18 +41,27 @@ class Callbacks:
     """The rank's callback list for one call (`mode`: train, test or predict), and what
     all ranks agreed on."""
 
-    def __init__(self, session: Session, callbacks: Sequence[Any] | None, verbose: int, mode: str, epochs: int,
-                 steps: int | None):
+    def __init__(
+        self, session: Session, callbacks: Sequence[Any] | None, verbose: int, mode: str, epochs: int, steps: int | None
+    ):
         rank = session.transport.rank
         mine = [cb for cb in (callbacks or []) if rank == 0 or not isinstance(cb, RANK0_CALLBACKS)]
         self.list = keras.callbacks.CallbackList(
-            mine, add_history=mode == "train", add_progbar=verbose != 0, model=session.model,
-            verbose=verbose, epochs=epochs, steps=steps, hyparflow=self._params(session),
+            mine,
+            add_history=mode == "train",
+            add_progbar=verbose != 0,
+            model=session.model,
+            verbose=verbose,
+            epochs=epochs,
+            steps=steps,
+            hyparflow=self._params(session),
         )
         self.history = next((cb for cb in self.list.callbacks if isinstance(cb, keras.callbacks.History)), None)
         local = [any(isinstance(cb, keras.callbacks.ModelCheckpoint) for cb in mine)]
         local += [any(has_batch_hooks(cb, m) for cb in self.list.callbacks) for m in MODES]
-        agreed = world_sum(session, np.array(local, float), "callback agreement", op="max") if mode != "predict" else local
+        agreed = (
+            world_sum(session, np.array(local, float), "callback agreement", op="max") if mode != "predict" else local
+        )
         self.weights_on_rank0 = bool(agreed[0])
         self.batch_hooks = {m: bool(f) for m, f in zip(MODES, agreed[1:])}
         self.timeline = session.timeline

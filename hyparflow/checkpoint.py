@@ -96,7 +96,9 @@ def _keyed(optimizer, model) -> list[tuple[tuple, Any]]:
     f"{variable.path with '/' -> '_'}_{slot}"; the longest matching prefix wins."""
     if optimizer is None or not getattr(optimizer, "built", False):
         return []
-    prefixes = sorted(((v.path.replace("/", "_"), i) for i, v in enumerate(model.trainable_variables)), key=lambda p: -len(p[0]))
+    prefixes = sorted(
+        ((v.path.replace("/", "_"), i) for i, v in enumerate(model.trainable_variables)), key=lambda p: -len(p[0])
+    )
     out = []
     for var in optimizer.variables:
         key: tuple = ("optimizer", var.name)
@@ -179,7 +181,10 @@ def load(model, path: str) -> dict[tuple, np.ndarray]:
     try:
         loaded = keras.saving.load_model(path, safe_mode=True)
     except Exception as e:
-        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it may be truncated or not a Keras model file.") from None
+        raise ConfigError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it may be truncated or not a Keras model "
+            "file."
+        ) from None
     theirs, ours = loaded.get_weights(), model.get_weights()
     if len(theirs) != len(ours) or any(a.shape != b.shape for a, b in zip(theirs, ours)):
         raise ConfigError(

@@ -27,12 +27,18 @@ def _info(_args) -> int:
     world = MPI.COMM_WORLD
     if world.Get_rank() == 0:
         print(f"hyparflow {hyparflow.__version__}")
-        print(f"python {platform.python_version()}, tensorflow {tf.__version__}, keras {keras.__version__}, mpi4py {mpi4py.__version__}")
+        print(
+            f"python {platform.python_version()}, tensorflow {tf.__version__}, keras {keras.__version__}, mpi4py "
+            f"{mpi4py.__version__}"
+        )
         print(f"MPI library: {MPI.Get_library_version().strip().splitlines()[0]}")
         print(f"MPI standard: {'.'.join(map(str, MPI.Get_version()))}")
         print(f"world size: {world.Get_size()}")
         print(f"cores per node: {os.cpu_count()} (this rank may use {node_cores()})")
-        print(f"TF threads per rank: intra-op {os.environ.get('TF_NUM_INTRAOP_THREADS')}, inter-op {os.environ.get('TF_NUM_INTEROP_THREADS')}")
+        print(
+            f"TF threads per rank: intra-op {os.environ.get('TF_NUM_INTRAOP_THREADS')}, inter-op "
+            f"{os.environ.get('TF_NUM_INTEROP_THREADS')}"
+        )
     return 0
 
 
@@ -53,7 +59,12 @@ def _settings(args) -> dict[str, str]:
     """The run flags given, as the HYPARFLOW_* variables the ranks read (settings.LAYOUT_ENV)."""
     from hyparflow.settings import LAYOUT_ENV
 
-    flags = {"num_partitions": "partitions", "num_replicas": "replicas", "num_microbatches": "microbatches", "schedule": "schedule"}
+    flags = {
+        "num_partitions": "partitions",
+        "num_replicas": "replicas",
+        "num_microbatches": "microbatches",
+        "schedule": "schedule",
+    }
     values = {LAYOUT_ENV[key][0]: getattr(args, flag, None) for key, flag in flags.items()}
     return {var: str(value) for var, value in values.items() if value is not None}
 
@@ -65,7 +76,13 @@ def _run(args) -> int:
     if command and command[0] == "--":
         command = command[1:]
     job = Launch(
-        np=args.np, command=command, hosts=args.hosts, hostfile=args.hostfile, settings=_settings(args), bind=args.bind, extra=args.launcher_args or ()
+        np=args.np,
+        command=command,
+        hosts=args.hosts,
+        hostfile=args.hostfile,
+        settings=_settings(args),
+        bind=args.bind,
+        extra=args.launcher_args or (),
     )
     if args.dry_run:
         print(" ".join(job.argv()))
@@ -80,7 +97,11 @@ def _train(args) -> int:
     cfg = config.load(args.config)
     ranks = args.np or cfg["ranks"]
     if ranks > 1 and not in_mpi_job():
-        job = Launch(np=ranks, command=[sys.executable, "-m", "hyparflow", "train", args.config], settings={"HYPARFLOW_PARTITIONS": str(cfg["partitions"])})
+        job = Launch(
+            np=ranks,
+            command=[sys.executable, "-m", "hyparflow", "train", args.config],
+            settings={"HYPARFLOW_PARTITIONS": str(cfg["partitions"])},
+        )
         return job.run()
     from hyparflow.jobs import train_from_config
 
@@ -136,13 +157,17 @@ def parser() -> argparse.ArgumentParser:
 
     from hyparflow.bench import add_arguments
 
-    b = sub.add_parser("bench", help="throughput: plain Keras vs data-parallel baseline vs hyparflow grids, and MPI bandwidth")
+    b = sub.add_parser(
+        "bench", help="throughput: plain Keras vs data-parallel baseline vs hyparflow grids, and MPI bandwidth"
+    )
     add_arguments(b)
     b.set_defaults(fn=_bench)
 
     from hyparflow.gantt import add_arguments as timeline_arguments
 
-    tl = sub.add_parser("timeline", help="draw a fit(timeline=...) trace as a Gantt chart; print where each rank's time went")
+    tl = sub.add_parser(
+        "timeline", help="draw a fit(timeline=...) trace as a Gantt chart; print where each rank's time went"
+    )
     timeline_arguments(tl)
     tl.set_defaults(fn=_timeline)
     return p

@@ -54,5 +54,7 @@ def load(path: str) -> dict[str, Any]:
     for key in ("batch_size", "epochs", "ranks", "partitions", "microbatches"):
         positive_int(f"config file {path}: {key}", cfg[key], minimum=0 if key == "epochs" else 1)
     if cfg["ranks"] % cfg["partitions"]:
-        raise ConfigError(f"config file {path}: ranks={cfg['ranks']} is not a multiple of partitions={cfg['partitions']}.")
+        raise ConfigError(
+            f"config file {path}: ranks={cfg['ranks']} is not a multiple of partitions={cfg['partitions']}."
+        )
     return cfg

@@ -15,7 +15,15 @@ from hyparflow.errors import ConfigError
 DATASETS = ("digits", "synthetic", "mnist", "cifar10")
 
 
-def load(name: str, *, shape: Sequence[int] = (32, 32, 3), num_classes: int = 10, samples: int = 1024, seed: int = 0, test_fraction: float = 0.2):
+def load(
+    name: str,
+    *,
+    shape: Sequence[int] = (32, 32, 3),
+    num_classes: int = 10,
+    samples: int = 1024,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+):
     """Returns (x_train, y_train, x_test, y_test, num_classes); images are channels-last float32."""
     if name == "digits":
         from sklearn.datasets import load_digits

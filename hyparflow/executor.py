@@ -54,7 +54,9 @@ class Executor:
         self.timeline: Timeline | None = None
 
     # ---- transfers ------------------------------------------------------------------
-    def _post_recvs(self, sizes: Sequence[int], tensors: list[int], peers: Callable[[int], list[int]], offset: int) -> dict:
+    def _post_recvs(
+        self, sizes: Sequence[int], tensors: list[int], peers: Callable[[int], list[int]], offset: int
+    ) -> dict:
         """Pre-post receives for every micro-batch: {(m, t, peer): (buffer, request)}."""
         info = self.compute.plan.graph.tensors
         posted = {}
@@ -178,7 +180,9 @@ class Executor:
             for t in c.send_float:
                 what = f"gradients of micro-batch {m}"
                 pieces = [self._take(step.bwd_posted, m, t, d, what) for d in c.dests[t]]
-                out_grads.append(to_tensor(pieces[0]) if len(pieces) == 1 else tf.convert_to_tensor(np.sum(pieces, axis=0)))
+                out_grads.append(
+                    to_tensor(pieces[0]) if len(pieces) == 1 else tf.convert_to_tensor(np.sum(pieces, axis=0))
+                )
             t0 = time.perf_counter()
             in_grads = c.backward(step.stash.pop(m), out_grads)
             self._compute_done("backward", m, t0)
@@ -203,7 +207,9 @@ class Executor:
                     sends, preds = c.predict(recv_vals, data_vals)
                 else:
                     divisors = tf.constant(norm.divisors, tf.float32)
-                    sends, loss, per_output, preds = c.infer(recv_vals, data_vals, ys, sws, divisors, self._reg_scale(norm, mb))
+                    sends, loss, per_output, preds = c.infer(
+                        recv_vals, data_vals, ys, sws, divisors, self._reg_scale(norm, mb)
+                    )
                     loss_total += float(loss)
                     parts[c.stage.model_outputs] += [float(p) for p in per_output]
                 self._compute_done("forward", m, t0)

@@ -113,16 +113,30 @@ def draw(trace: dict[str, Any], png: str, first: int | None = None, last: int | 
         events = boxes.get(row["rank"], [])
         for cat, colour in LAYERS.items():
             spans = [((e["ts"] - start) * ms, max(e["dur"], 0.0) * ms) for e in events if e["cat"] == cat]
-            ax.broken_barh(spans, (y - 0.4, 0.8), facecolors=colour, edgecolor="white" if cat in COMPUTE else "none",
-                           linewidth=0.4)
+            ax.broken_barh(
+                spans, (y - 0.4, 0.8), facecolors=colour, edgecolor="white" if cat in COMPUTE else "none", linewidth=0.4
+            )
         for e in events:
             if e["cat"] in COMPUTE and e["dur"] > 0.012 * (end - start):
-                ax.text((e["ts"] + e["dur"] / 2 - start) * ms, y, str(e["args"]["micro_batch"]), ha="center",
-                        va="center", color="white", fontsize=7)
+                ax.text(
+                    (e["ts"] + e["dur"] / 2 - start) * ms,
+                    y,
+                    str(e["args"]["micro_batch"]),
+                    ha="center",
+                    va="center",
+                    color="white",
+                    fontsize=7,
+                )
         for s in range(first, last + 1):
             a, b = steps[s].get(row["rank"], (start, start))
-            ax.vlines([(a - start) * ms, (b - start) * ms], y - 0.48, y + 0.48, colors="black", linestyles="dashed",
-                      linewidth=0.8)
+            ax.vlines(
+                [(a - start) * ms, (b - start) * ms],
+                y - 0.48,
+                y + 0.48,
+                colors="black",
+                linestyles="dashed",
+                linewidth=0.8,
+            )
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"replica {r['replica']}, stage {r['stage']}\n(rank {r['rank']})" for r in rows], fontsize=8)
     ax.set_ylim(len(rows) - 0.5, -0.5)
@@ -130,8 +144,11 @@ def draw(trace: dict[str, Any], png: str, first: int | None = None, last: int | 
     ax.set_xlabel("time (ms, one clock for all ranks)")
     info = trace["otherData"]
     steps_text = f"step {first}" if first == last else f"steps {first}-{last}"
-    ax.set_title(f"{info['schedule']} schedule, P={info['num_partitions']} x R={info['num_replicas']}, "
-                 f"M={info['num_microbatches']}: training {steps_text} (dashed: step boundaries)", fontsize=10)
+    ax.set_title(
+        f"{info['schedule']} schedule, P={info['num_partitions']} x R={info['num_replicas']}, "
+        f"M={info['num_microbatches']}: training {steps_text} (dashed: step boundaries)",
+        fontsize=10,
+    )
     legend = [Patch(facecolor=c, label=LABELS.get(k, k)) for k, c in LAYERS.items()]
     fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
@@ -144,22 +161,26 @@ def summary(trace: dict[str, Any], first: int | None = None, last: int | None = 
     start, end, first, last = window(trace, first, last)
     table = shares(trace, start, end)
     cols = ["compute", "wait", "allreduce", "optimizer", "data", "callback", "send", "idle"]
-    lines = [f"training steps {first}-{last}: {(end - start) / 1e3:.1f} ms on one clock; "
-             "share of that time per rank (%)",
-             f"{'rank (replica, stage)':<24}" + "".join(f"{c:>10}" for c in cols)]
+    lines = [
+        f"training steps {first}-{last}: {(end - start) / 1e3:.1f} ms on one clock; share of that time per rank (%)",
+        f"{'rank (replica, stage)':<24}" + "".join(f"{c:>10}" for c in cols),
+    ]
     for row in ranks(trace):
         got = table.get(row["rank"], {})
         got = {**got, "compute": sum(got.get(c, 0.0) for c in COMPUTE)}
-        lines.append(f"{row['rank']:>4} ({row['replica']}, {row['stage']}){'':<14}"
-                     + "".join(f"{100 * got.get(c, 0.0):>10.1f}" for c in cols))
+        lines.append(
+            f"{row['rank']:>4} ({row['replica']}, {row['stage']}){'':<14}"
+            + "".join(f"{100 * got.get(c, 0.0):>10.1f}" for c in cols)
+        )
     return "\n".join(lines)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("trace", help="a Chrome-trace file written by fit(timeline=...) or HYPARFLOW_TIMELINE")
     p.add_argument("--png", help="write the Gantt chart here")
-    p.add_argument("--steps", default=None,
-                   help="training steps to show, 'A' or 'A:B' (default: the fastest two in a row)")
+    p.add_argument(
+        "--steps", default=None, help="training steps to show, 'A' or 'A:B' (default: the fastest two in a row)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -374,7 +374,10 @@ class ModelGraph:
     def set_costs(self, balance: str, sample_batch: int = 8) -> None:
         """Fill `call.cost` with the chosen cost model ("time", "flops" or "params")."""
         if balance not in COST_MODELS:
-            raise ConfigError(f"balance={balance!r}: expected one of {COST_MODELS}, a list of layer counts per stage, or a list of layer names to cut after.")
+            raise ConfigError(
+                f"balance={balance!r}: expected one of {COST_MODELS}, a list of layer counts per stage, or a list of "
+                "layer names to cut after."
+            )
         costs: list[float]
         if balance == "params":
             costs = [float(c.param_bytes) for c in self.calls]
@@ -425,8 +428,12 @@ class ModelGraph:
         times = []
         saved = {id(v): (v, v.numpy()) for c in self.calls for v in getattr(c.layer, "variables", ())}
         for c in self.calls:
-            t_small, out_small = timed(c, {i: small[i] if i in small else sample(self.tensors[i], batch) for i in c.inputs})
-            t_large, out_large = timed(c, {i: large[i] if i in large else sample(self.tensors[i], 4 * batch) for i in c.inputs})
+            t_small, out_small = timed(
+                c, {i: small[i] if i in small else sample(self.tensors[i], batch) for i in c.inputs}
+            )
+            t_large, out_large = timed(
+                c, {i: large[i] if i in large else sample(self.tensors[i], 4 * batch) for i in c.inputs}
+            )
             small.update(out_small)
             large.update(out_large)
             times.append(max(t_large - t_small, 0.0) / 3.0)

@@ -38,7 +38,9 @@ def _as_list(data, names: list[str], what: str, allow_none: bool = False) -> lis
         items = list(data)
     else:
         if what != "sample_weight" and len(names) != 1:
-            raise ConfigError(f"{what} is a single array but the model has {len(names)} of them ({names}); pass a list or a dict.")
+            raise ConfigError(
+                f"{what} is a single array but the model has {len(names)} of them ({names}); pass a list or a dict."
+            )
         items = [data] * len(names)
     return [None if a is None else np.asarray(a) for a in items]
 
@@ -61,7 +63,11 @@ class Data:
 
 def _prepare(graph: ModelGraph, x, y, sample_weight, class_weight, with_targets: bool) -> Data:
     xs = _as_list(x, graph.input_names, "x")
-    ys = _as_list(y, graph.output_names, "y", allow_none=not with_targets) if with_targets or y is not None else [None] * len(graph.output_names)
+    ys = (
+        _as_list(y, graph.output_names, "y", allow_none=not with_targets)
+        if with_targets or y is not None
+        else [None] * len(graph.output_names)
+    )
     sws = _as_list(sample_weight, graph.output_names, "sample_weight", allow_none=True)
     n = len(xs[0])
     if n == 0:
@@ -75,10 +81,14 @@ def _prepare(graph: ModelGraph, x, y, sample_weight, class_weight, with_targets:
             raise ConfigError(f"y for output '{name}' has {len(a)} samples but x has {n}.")
     for name, a in zip(graph.output_names, sws):
         if a is not None and (a.ndim < 1 or len(a) != n):
-            raise ConfigError(f"sample_weight for output '{name}' has shape {a.shape}; expected ({n}, ...): one row per sample.")
+            raise ConfigError(
+                f"sample_weight for output '{name}' has shape {a.shape}; expected ({n}, ...): one row per sample."
+            )
     if class_weight is not None:
         if len(graph.output_names) != 1:
-            raise ConfigError("class_weight works for single-output models only (as in Keras); use sample_weight per output.")
+            raise ConfigError(
+                "class_weight works for single-output models only (as in Keras); use sample_weight per output."
+            )
         labels = np.asarray(ys[0]).reshape(n, -1)
         labels = labels.argmax(axis=1) if labels.shape[1] > 1 else labels[:, 0].round().astype(int)
         missing = sorted(set(np.unique(labels).tolist()) - set(class_weight))
@@ -102,7 +112,9 @@ def _check_shape(what: str, array: np.ndarray, spec, n: int) -> None:
 class ArraySource:
     """Global batches from in-memory arrays, cut identically on every rank."""
 
-    def __init__(self, data: Data, batch_size: int, shuffle: bool = False, seed: int = 0, steps_per_epoch: int | None = None):
+    def __init__(
+        self, data: Data, batch_size: int, shuffle: bool = False, seed: int = 0, steps_per_epoch: int | None = None
+    ):
         self.data, self.batch_size, self.shuffle = data, batch_size, shuffle
         self.seed = seed
         self.cycle = steps_per_epoch is not None  # epochs continue where the last stopped
@@ -175,36 +187,66 @@ class StreamSource:
             step += 1
 
 
-def source(graph: ModelGraph, x, y, sample_weight, class_weight, batch_size: int | None, with_targets: bool, shuffle=False,
-           seed=0, steps=None) -> ArraySource | StreamSource:
+def source(
+    graph: ModelGraph,
+    x,
+    y,
+    sample_weight,
+    class_weight,
+    batch_size: int | None,
+    with_targets: bool,
+    shuffle=False,
+    seed=0,
+    steps=None,
+) -> ArraySource | StreamSource:
     """The source for what the user passed as x (arrays: ArraySource; streams: StreamSource)."""
     if keras_compat.is_array_like((x, y, sample_weight)):
         data = _prepare(graph, x, y, sample_weight, class_weight, with_targets)
         return ArraySource(data, 32 if batch_size is None else batch_size, shuffle, seed, steps)
     if y is not None or sample_weight is not None:
-        raise ConfigError(f"With x of type {type(x).__name__}, targets and sample weights come from x: do not pass y or sample_weight.")
+        raise ConfigError(
+            f"With x of type {type(x).__name__}, targets and sample weights come from x: do not pass y or "
+            "sample_weight."
+        )
     return StreamSource(x, graph, with_targets, steps, class_weight)
 
 
-def validation_sources(graph: ModelGraph, train, validation_data, validation_split: float, batch_size: int | None,
-                       shuffle: bool, seed: int, steps: int | None, validation_steps: int | None):
+def validation_sources(
+    graph: ModelGraph,
+    train,
+    validation_data,
+    validation_split: float,
+    batch_size: int | None,
+    shuffle: bool,
+    seed: int,
+    steps: int | None,
+    validation_steps: int | None,
+):
     """(training source, validation source or None) for fit's validation arguments."""
     if not 0.0 <= validation_split < 1.0:
         raise ConfigError(f"validation_split must be in [0, 1), got {validation_split}.")
     if validation_split and validation_data is None:
         if not isinstance(train, ArraySource):
-            raise ConfigError("validation_split needs arrays; with a dataset, PyDataset or generator pass validation_data.")
+            raise ConfigError(
+                "validation_split needs arrays; with a dataset, PyDataset or generator pass validation_data."
+            )
         data = train.data
         cut = int(len(data) * (1.0 - validation_split))
         if cut == 0 or cut == len(data):
-            raise ConfigError(f"validation_split={validation_split} leaves no training or no validation samples out of {len(data)}.")
+            raise ConfigError(
+                f"validation_split={validation_split} leaves no training or no validation samples out of {len(data)}."
+            )
         train = ArraySource(data.take(np.arange(cut)), train.batch_size, shuffle, seed, steps)
-        return train, ArraySource(data.take(np.arange(cut, len(data))), batch_size or train.batch_size, steps_per_epoch=validation_steps)
+        return train, ArraySource(
+            data.take(np.arange(cut, len(data))), batch_size or train.batch_size, steps_per_epoch=validation_steps
+        )
     if validation_data is None:
         return train, None
     if isinstance(validation_data, (tuple, list)):
         if len(validation_data) not in (2, 3):
-            raise ConfigError("validation_data must be (x, y), (x, y, sample_weight), a dataset, PyDataset or generator.")
+            raise ConfigError(
+                "validation_data must be (x, y), (x, y, sample_weight), a dataset, PyDataset or generator."
+            )
         vx, vy, *vsw = validation_data
         return train, source(graph, vx, vy, vsw[0] if vsw else None, None, batch_size, True, steps=validation_steps)
     return train, source(graph, validation_data, None, None, None, batch_size, True, steps=validation_steps)

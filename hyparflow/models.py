@@ -55,7 +55,9 @@ def _resnet_v1(depth: int, input_shape, num_classes: int):
     n = (depth - 2) // 6
 
     def conv_bn(x, filters, strides=1, relu=True):
-        x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, kernel_initializer="he_normal")(x)
+        x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, kernel_initializer="he_normal")(
+            x
+        )
         x = layers.BatchNormalization()(x)
         return layers.ReLU()(x) if relu else x
 

@@ -176,7 +176,8 @@ class Plan:
             producer = graph.tensors[t].producer
             if producer < 0:
                 raise ConfigError(
-                    f"Model output '{graph.output_names[pos]}' is a model input passed straight through; hyparflow needs every output produced by a layer."
+                    f"Model output '{graph.output_names[pos]}' is a model input passed straight through; hyparflow "
+                    "needs every output produced by a layer."
                 )
             stage = self.stages[stage_of[producer]]
             stage.model_outputs.append(pos)
@@ -194,8 +195,10 @@ class Plan:
             info = graph.tensors[t]
             if any(d is None for d in info.shape):
                 raise ConfigError(
-                    f"Boundary tensor '{info.name}' has shape {info.shape} with unknown dimensions, which cannot be sent "
-                    "between stages; give the model's Input layers full shapes, or choose cuts (balance=[...]) that avoid it."
+                    f"Boundary tensor '{info.name}' has shape {info.shape} with unknown dimensions, which cannot be "
+                    "sent "
+                    "between stages; give the model's Input layers full shapes, or choose cuts (balance=[...]) that "
+                    "avoid it."
                 )
 
     def _send_present_masks_only(self) -> None:
@@ -204,7 +207,9 @@ class Plan:
         masks (MultiHeadAttention does), and what a later consumer sees depends on the calls
         already run: one inference pass of the stages on a sample finds out."""
         tensors = self.graph.tensors
-        values = {t.index: np.zeros((1, *(d or 1 for d in t.shape)), np_dtype(t.dtype)) for t in tensors if t.producer < 0}
+        values = {
+            t.index: np.zeros((1, *(d or 1 for d in t.shape)), np_dtype(t.dtype)) for t in tensors if t.producer < 0
+        }
         for st in self.stages:
             out = st._run({t: values[t] for t in st.recv + st.data_inputs}, training=False)
             for t, _ in st.send:
@@ -311,12 +316,16 @@ def plan(
     graph = ModelGraph(model)
     n = len(graph)
     if num_partitions > n:
-        raise ConfigError(f"num_partitions={num_partitions} exceeds the {n} layer calls of model '{model.name}'; use at most {n}.")
+        raise ConfigError(
+            f"num_partitions={num_partitions} exceeds the {n} layer calls of model '{model.name}'; use at most {n}."
+        )
     if balance is None:
         balance = "time" if n <= TIME_PROFILE_MAX_CALLS else "flops"
     if isinstance(balance, str):
         graph.set_costs(balance)
-        memory = [float(c.param_bytes * STATE_BYTES_PER_PARAM_BYTE + c.act_bytes * microbatch_size) for c in graph.calls]
+        memory = [
+            float(c.param_bytes * STATE_BYTES_PER_PARAM_BYTE + c.act_bytes * microbatch_size) for c in graph.calls
+        ]
         starts = balanced_cuts([c.cost for c in graph.calls], num_partitions, memory, memory_limit)
         return Plan(graph, starts, balance)
     graph.set_costs("flops")
@@ -326,18 +335,26 @@ def plan(
     elif all(isinstance(b, str) for b in items):
         starts = _starts_from_names(graph, items, num_partitions)
     else:
-        raise ConfigError(f"balance={items!r}: a list must hold only layer counts (int) or only layer names (str); cost models are {COST_MODELS}.")
+        raise ConfigError(
+            f"balance={items!r}: a list must hold only layer counts (int) or only layer names (str); cost models are "
+            f"{COST_MODELS}."
+        )
     return Plan(graph, starts, "explicit")
 
 
 def _starts_from_counts(graph: ModelGraph, counts: list[int], parts: int) -> list[int]:
     n = len(graph)
     if len(counts) != parts:
-        raise ConfigError(f"balance gives {len(counts)} layer counts but num_partitions={parts}; give one count per stage.")
+        raise ConfigError(
+            f"balance gives {len(counts)} layer counts but num_partitions={parts}; give one count per stage."
+        )
     if any(c < 1 for c in counts):
         raise ConfigError(f"balance={counts}: every stage needs at least one layer call.")
     if sum(counts) != n:
-        raise ConfigError(f"balance={counts} sums to {sum(counts)} but model '{graph.model.name}' has {n} layer calls (hyparflow.plan(model, 1) lists them).")
+        raise ConfigError(
+            f"balance={counts} sums to {sum(counts)} but model '{graph.model.name}' has {n} layer calls "
+            "(hyparflow.plan(model, 1) lists them)."
+        )
     starts, acc = [], 0
     for c in counts:
         starts.append(acc)
@@ -354,10 +371,15 @@ def _starts_from_names(graph: ModelGraph, names: list[str], parts: int) -> list[
         if name not in where:
             close = [k for k in where if name.lower() in k.lower()][:5]
             hint = f" Similar names: {close}." if close else ""
-            raise ConfigError(f"balance names unknown layer '{name}'.{hint} Layer names are listed by print(hyparflow.plan(model, 1)).")
+            raise ConfigError(
+                f"balance names unknown layer '{name}'.{hint} Layer names are listed by print(hyparflow.plan(model, "
+                "1))."
+            )
         starts.append(where[name] + 1)
     if any(b <= a for a, b in zip(starts, starts[1:])) or starts[-1] >= len(graph):
-        raise ConfigError(f"balance={names}: cut-after layers must be in graph order and leave every stage at least one layer.")
+        raise ConfigError(
+            f"balance={names}: cut-after layers must be in graph order and leave every stage at least one layer."
+        )
     return starts
 
 
@@ -380,7 +402,8 @@ def balanced_cuts(
     cap = memory_limit if memory_limit is not None else math.inf
     if max(mem) > cap:
         raise ConfigError(
-            f"memory_limit={memory_limit:.0f} bytes is below the largest single layer's estimate ({max(mem):.0f} bytes).",
+            f"memory_limit={memory_limit:.0f} bytes is below the largest single layer's estimate ({max(mem):.0f} "
+            "bytes).",
         )
 
     def greedy(limit: float) -> list[int] | None:
@@ -397,7 +420,9 @@ def balanced_cuts(
     lo, hi = max(costs), sum(costs)
     if greedy(hi) is None:
         limit = f"memory_limit={memory_limit:.0f} bytes"
-        raise ConfigError(f"No split into {parts} stages keeps every stage under {limit}; use more partitions or a higher limit.")
+        raise ConfigError(
+            f"No split into {parts} stages keeps every stage under {limit}; use more partitions or a higher limit."
+        )
     for _ in range(100):
         if hi - lo <= 1e-9 * hi:
             break

@@ -21,8 +21,20 @@ from hyparflow.errors import ConfigError
 log = logging.getLogger("hyparflow")
 POLICIES = ("pipeline", "replica")
 
-_LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "PMI_LOCAL_SIZE")
-_LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "PMI_LOCAL_RANK")
+_LOCAL_SIZE_VARS = (
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "MPI_LOCALNRANKS",
+    "MV2_COMM_WORLD_LOCAL_SIZE",
+    "SLURM_NTASKS_PER_NODE",
+    "PMI_LOCAL_SIZE",
+)
+_LOCAL_RANK_VARS = (
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "MPI_LOCALRANKID",
+    "MV2_COMM_WORLD_LOCAL_RANK",
+    "SLURM_LOCALID",
+    "PMI_LOCAL_RANK",
+)
 
 
 @dataclass(frozen=True)
@@ -47,7 +59,9 @@ def check_grid(size: int, num_partitions: int, num_replicas: int, policy: str = 
         )
 
 
-def assign(slots: Sequence[Slot], num_partitions: int, num_replicas: int, policy: str = "pipeline") -> list[tuple[int, int]]:
+def assign(
+    slots: Sequence[Slot], num_partitions: int, num_replicas: int, policy: str = "pipeline"
+) -> list[tuple[int, int]]:
     """(replica, stage) for each rank. Pure: testable with synthetic node layouts."""
     check_grid(len(slots), num_partitions, num_replicas, policy)
     order = sorted(slots, key=lambda s: (s.node, s.local_rank, s.rank))
@@ -101,7 +115,11 @@ def configure_threads(bind: bool = False) -> int:
     # Values a parent hyparflow process chose (listed in HYPARFLOW_AUTO_THREADS) are not the
     # user's: recompute them for this process's place on the node.
     inherited = set(filter(None, os.environ.get("HYPARFLOW_AUTO_THREADS", "").split(",")))
-    wanted = {"OMP_NUM_THREADS": str(len(mine)), "TF_NUM_INTRAOP_THREADS": str(len(mine)), "TF_NUM_INTEROP_THREADS": "1" if local_size > 1 else "2"}
+    wanted = {
+        "OMP_NUM_THREADS": str(len(mine)),
+        "TF_NUM_INTRAOP_THREADS": str(len(mine)),
+        "TF_NUM_INTEROP_THREADS": "1" if local_size > 1 else "2",
+    }
     chosen = []
     for var, value in wanted.items():
         if var not in os.environ or var in inherited:
@@ -132,7 +150,10 @@ def discover(transport) -> list[Slot]:
     cores = split_cores(node_cores(), local_size, local_rank)
     rows = transport.allgather((leader, host, local_rank, cores))
     leaders = sorted({r[0] for r in rows})
-    return [Slot(rank=i, node=leaders.index(r[0]), host=r[1], local_rank=r[2], cores=tuple(r[3])) for i, r in enumerate(rows)]
+    return [
+        Slot(rank=i, node=leaders.index(r[0]), host=r[1], local_rank=r[2], cores=tuple(r[3]))
+        for i, r in enumerate(rows)
+    ]
 
 
 def describe(slots: Sequence[Slot], assignment: Sequence[tuple[int, int]]) -> str:

@@ -22,8 +22,9 @@ from hyparflow.transport import Transport, aligned_empty
 
 
 class Reducer:
-    def __init__(self, transport: Transport, loss_scaled: bool, variables: Sequence[Any],
-                 tied: Sequence[tuple[Any, list[int]]]):
+    def __init__(
+        self, transport: Transport, loss_scaled: bool, variables: Sequence[Any], tied: Sequence[tuple[Any, list[int]]]
+    ):
         """`variables`: the stage's trainable variables, in the order of the flat gradient;
         `tied`: the plan's (variable, stage indices) for variables held by several stages."""
         self.transport, self.loss_scaled = transport, loss_scaled

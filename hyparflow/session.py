@@ -36,7 +36,9 @@ log = logging.getLogger("hyparflow")
 _SESSIONS: weakref.WeakKeyDictionary[Any, tuple[tuple, Session]] = weakref.WeakKeyDictionary()
 
 
-def open_session(model, comm, layout_kw: dict[str, Any], balance=None, memory_limit=None, announce: bool = False) -> Session:
+def open_session(
+    model, comm, layout_kw: dict[str, Any], balance=None, memory_limit=None, announce: bool = False
+) -> Session:
     """The model's cached session if every rank has one for this layout and compilation,
     else a new one (the old one is closed). Starts with the bounded rendezvous."""
     world = Transport(comm)
@@ -68,7 +70,9 @@ class Session:
         with phase("plan"):
             graph = ModelGraph(model)
             self.check_same_everywhere(
-                "model", graph.fingerprint, "every rank must build the same model (same layers, connections and weight shapes)."
+                "model",
+                graph.fingerprint,
+                "every rank must build the same model (same layers, connections and weight shapes).",
             )
             starts: list[int] | ConfigError | None = None
             if transport.rank == 0:

@@ -72,7 +72,9 @@ class Layout:
         R = from_env("num_replicas", num_replicas)
         if R is None:
             if world_size % P:
-                raise ConfigError(f"The job has {world_size} ranks, not a multiple of num_partitions={P}; launch with -np k*{P}.")
+                raise ConfigError(
+                    f"The job has {world_size} ranks, not a multiple of num_partitions={P}; launch with -np k*{P}."
+                )
             R = world_size // P
         R = positive_int("num_replicas", R)
         M = positive_int("num_microbatches", from_env("num_microbatches", num_microbatches))

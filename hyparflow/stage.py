@@ -123,7 +123,9 @@ class StageCompute:
         self.train_forward = tf.function(self._train_forward)
         self.forward_backward = tf.function(self._fused)
         self.accumulate = tf.function(self._accumulate_now)
-        self.flat_grads = tf.function(lambda: tf.concat([tf.reshape(tf.cast(a, tf.float32), [-1]) for a in self.acc], 0))
+        self.flat_grads = tf.function(
+            lambda: tf.concat([tf.reshape(tf.cast(a, tf.float32), [-1]) for a in self.acc], 0)
+        )
         self.apply_flat = tf.function(self._apply_flat)
         # Without replicas there is nothing to reduce: apply the accumulators in place.
         self.apply_accumulated = tf.function(lambda: self._apply_now([a.value() for a in self.acc]))

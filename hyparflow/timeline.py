@@ -182,8 +182,15 @@ def _chrome_trace(per_rank: list[list[Event]], start: np.ndarray, end: np.ndarra
     for rank, events in enumerate(per_rank):
         replica, stage = placed[rank]
         ranks.append({"rank": rank, "replica": replica, "stage": stage})
-        out.append({"name": "process_name", "ph": "M", "pid": rank, "tid": 0,
-                    "args": {"name": f"rank {rank} (replica {replica}, stage {stage})"}})
+        out.append(
+            {
+                "name": "process_name",
+                "ph": "M",
+                "pid": rank,
+                "tid": 0,
+                "args": {"name": f"rank {rank} (replica {replica}, stage {stage})"},
+            }
+        )
         out.append({"name": "process_sort_index", "ph": "M", "pid": rank, "tid": 0, "args": {"sort_index": rank}})
         for (name, cat, _, _, step, args), (ts, dur) in zip(events, micros[rank]):
             event = {"name": name, "cat": cat, "ph": "X", "pid": rank, "tid": 0, "ts": ts, "dur": dur}
@@ -195,9 +202,11 @@ def _chrome_trace(per_rank: list[list[Event]], start: np.ndarray, end: np.ndarra
             out.append(event)
     layout = session.layout
     other = {
-        "schedule": layout.schedule, "num_partitions": layout.num_partitions, "num_replicas": layout.num_replicas,
-        "num_microbatches": layout.num_microbatches, "ranks": ranks,
+        "schedule": layout.schedule,
+        "num_partitions": layout.num_partitions,
+        "num_replicas": layout.num_replicas,
+        "num_microbatches": layout.num_microbatches,
+        "ranks": ranks,
         "clock_error_us": [round(float(rtt) / 2 * 1e6, 3) for rtt in np.maximum(start[:, 2], end[:, 2])],
     }
     return {"traceEvents": out, "displayTimeUnit": "ms", "otherData": other}
-

@@ -25,8 +25,11 @@ from hyparflow.session import Session, open_session
 from hyparflow.settings import positive_int
 
 Balance = str | Sequence[int] | Sequence[str] | None
-_STEPS = {"fit": ("train_step", "compute_loss", "compute_metrics"), "evaluate": ("test_step", "compute_loss", "compute_metrics"),
-          "predict": ("predict_step",)}
+_STEPS = {
+    "fit": ("train_step", "compute_loss", "compute_metrics"),
+    "evaluate": ("test_step", "compute_loss", "compute_metrics"),
+    "predict": ("predict_step",),
+}
 
 
 def _check_model(model, call: str) -> None:
@@ -34,15 +37,22 @@ def _check_model(model, call: str) -> None:
     custom = keras_compat.overridden_steps(model, _STEPS[call])
     if custom:
         raise ConfigError(
-            f"Model '{model.name}' ({type(model).__name__}) overrides {', '.join(custom)}; hyparflow.{call} runs Keras's "
+            f"Model '{model.name}' ({type(model).__name__}) overrides {', '.join(custom)}; hyparflow.{call} runs "
+            "Keras's "
             "standard step split across stages and pipeline micro-batches, so it cannot run a custom one. Express the "
-            f"objective with compile(loss=..., loss_weights=..., metrics=...) and add_loss in layers, or use model.{call}."
+            "objective with compile(loss=..., loss_weights=..., metrics=...) and add_loss in layers, or use "
+            f"model.{call}."
         )
 
 
 def _layout(num_partitions, num_replicas, num_microbatches, schedule=None, placement="pipeline") -> dict[str, Any]:
-    return dict(num_partitions=num_partitions, num_replicas=num_replicas, num_microbatches=num_microbatches,
-                schedule=schedule, placement=placement)
+    return dict(
+        num_partitions=num_partitions,
+        num_replicas=num_replicas,
+        num_microbatches=num_microbatches,
+        schedule=schedule,
+        placement=placement,
+    )
 
 
 def _steps(name: str, value: int | None) -> int | None:
@@ -127,19 +137,45 @@ def fit(
     epochs = positive_int("epochs", epochs, minimum=0)
     if gather not in ("rank0", "all"):
         raise ConfigError(f"gather={gather!r}: expected 'rank0' or 'all'.")
-    steps_per_epoch, validation_steps = _steps("steps_per_epoch", steps_per_epoch), _steps("validation_steps", validation_steps)
+    steps_per_epoch, validation_steps = (
+        _steps("steps_per_epoch", steps_per_epoch),
+        _steps("validation_steps", validation_steps),
+    )
     layout = _layout(num_partitions, num_replicas, num_microbatches, schedule, placement_policy)
     session = open_session(model, comm, layout, balance, memory_limit, announce=True)
     graph, transport = session.plan.graph, session.transport
     train = inputs.source(graph, x, y, sample_weight, class_weight, batch_size, True, shuffle, seed, steps_per_epoch)
-    train, val = inputs.validation_sources(graph, train, validation_data, validation_split, validation_batch_size or batch_size,
-                                           shuffle, seed, steps_per_epoch, validation_steps)
+    train, val = inputs.validation_sources(
+        graph,
+        train,
+        validation_data,
+        validation_split,
+        validation_batch_size or batch_size,
+        shuffle,
+        seed,
+        steps_per_epoch,
+        validation_steps,
+    )
     session.start(train.first)
-    settings = (batch_size, epochs, initial_epoch, steps_per_epoch, shuffle, seed, validation_split, train.steps,
-                inputs.shapes(train.first), val is not None, resume_from is not None, checkpoint_dir is not None,
-                trace_path is not None)
-    session.check_same_everywhere("training settings (batch_size, epochs, data shapes, steps, shuffle, seed, "
-                                  "validation, checkpoints, timeline)", repr(settings))
+    settings = (
+        batch_size,
+        epochs,
+        initial_epoch,
+        steps_per_epoch,
+        shuffle,
+        seed,
+        validation_split,
+        train.steps,
+        inputs.shapes(train.first),
+        val is not None,
+        resume_from is not None,
+        checkpoint_dir is not None,
+        trace_path is not None,
+    )
+    session.check_same_everywhere(
+        "training settings (batch_size, epochs, data shapes, steps, shuffle, seed, validation, checkpoints, timeline)",
+        repr(settings),
+    )
     found_epoch, opt_state = checkpoint.resume(model, transport, resume_from, checkpoint_dir if resume else None)
     initial_epoch = max(initial_epoch, found_epoch or 0)
     if opt_state is not None:
@@ -165,7 +201,9 @@ def fit(
                 cbs.call("on_test_end", val_logs)
                 logs.update({f"val_{k}": v for k, v in val_logs.items()})
             loop.sync_replica_state(session)
-            loop.epoch_checkpoint(session, epoch, checkpoint_dir, checkpoint_every, checkpoint_keep, cbs.weights_on_rank0)
+            loop.epoch_checkpoint(
+                session, epoch, checkpoint_dir, checkpoint_every, checkpoint_keep, cbs.weights_on_rank0
+            )
             cbs.call("on_epoch_end", epoch, logs, label=f" (epoch {epoch})")
             if loop.agree_to_stop(session):
                 break

@@ -176,8 +176,10 @@ class Transport:
                         self.abort(f"rank {r} ended its script without reaching {what}, which the other ranks reached.")
                 if pending and time.monotonic() > deadline:
                     missing = sorted(pending)
-                    self.abort(f"ranks {missing} did not reach {what} within {timeout:.0f} s of rank 0 "
-                               "(HYPARFLOW_START_TIMEOUT); every rank must make the same hyparflow calls.")
+                    self.abort(
+                        f"ranks {missing} did not reach {what} within {timeout:.0f} s of rank 0 "
+                        "(HYPARFLOW_START_TIMEOUT); every rank must make the same hyparflow calls."
+                    )
                 time.sleep(0.002)
             go = [self.world.Isend(mine, dest=r, tag=CONTROL_TAG) for r in range(1, self.size)]
             self.wait(go, f"start of {what}")
@@ -187,8 +189,10 @@ class Transport:
         req = self.world.Irecv(note, source=0, tag=CONTROL_TAG)
         while not req.Test():
             if time.monotonic() > deadline:
-                self.abort(f"rank 0 did not reach {what} within {timeout:.0f} s of rank {self.rank} "
-                           "(HYPARFLOW_START_TIMEOUT); every rank must make the same hyparflow calls.")
+                self.abort(
+                    f"rank 0 did not reach {what} within {timeout:.0f} s of rank {self.rank} "
+                    "(HYPARFLOW_START_TIMEOUT); every rank must make the same hyparflow calls."
+                )
             time.sleep(0.002)
         if note[0] == 0:
             self.abort(f"rank 0 ended its script without reaching {what}, which rank {self.rank} reached.")
@@ -204,8 +208,13 @@ class Transport:
         while not MPI.Request.Testall(requests) and time.monotonic() < deadline:
             time.sleep(0.005)
 
-    def form_grid(self, assignment: Sequence[tuple[int, int]], num_partitions: int, num_replicas: int,
-                  tied_sets: Sequence[tuple[int, ...]] = ()) -> Grid:
+    def form_grid(
+        self,
+        assignment: Sequence[tuple[int, int]],
+        num_partitions: int,
+        num_replicas: int,
+        tied_sets: Sequence[tuple[int, ...]] = (),
+    ) -> Grid:
         """Split the world into the grid's groups from `assignment[rank] = (replica, stage)`:
         `pipe` joins the stages of one replica, `data` the replicas of one stage, and each of
         `tied_sets` (stage sets holding tied weights, the same list on every rank) joins
@@ -276,8 +285,9 @@ class Transport:
     def irecv(self, array: np.ndarray, stage: int, tag: int) -> Any:
         return self.pipe.Irecv(as_bytes(array), source=stage, tag=tag)
 
-    def allreduce(self, send: np.ndarray, recv: np.ndarray, what: str, group: str | tuple[int, ...] = "world",
-                  op: str = "sum") -> None:
+    def allreduce(
+        self, send: np.ndarray, recv: np.ndarray, what: str, group: str | tuple[int, ...] = "world", op: str = "sum"
+    ) -> None:
         """Reduce `send` over `group` (a name or a tied stage set) into `recv`, waited on
         under the watchdog."""
         comm = self._group(group)
@@ -317,8 +327,12 @@ class Transport:
         finally:
             self.watchdog.waits.pop(key, None)
         if timeline is not None:
-            timeline.add(f"wait for rank {rank}" if rank is not None else f"wait: {what}", "wait", t0,
-                         args={"for": what, "peer": rank})
+            timeline.add(
+                f"wait for rank {rank}" if rank is not None else f"wait: {what}",
+                "wait",
+                t0,
+                args={"for": what, "peer": rank},
+            )
 
     def _name(self, rank: int) -> str:
         return self.grid.where(rank) if self.grid is not None else f"rank {rank}"

@@ -57,8 +57,21 @@ def fit(model, key: str, comm=None):
     """hf.fit of `model` as case `key` prescribes."""
     _, P, M, schedule, _, _, batch, _, epochs = CASES[key]
     x, y, sw = data(key)
-    return hf.fit(model, x, y, batch_size=batch, epochs=epochs, num_partitions=P, num_microbatches=M, schedule=schedule,
-                  shuffle=False, verbose=0, sample_weight=sw, balance="flops", comm=comm)
+    return hf.fit(
+        model,
+        x,
+        y,
+        batch_size=batch,
+        epochs=epochs,
+        num_partitions=P,
+        num_microbatches=M,
+        schedule=schedule,
+        shuffle=False,
+        verbose=0,
+        sample_weight=sw,
+        balance="flops",
+        comm=comm,
+    )
 
 
 def compare(key: str, model, history) -> dict:
@@ -69,7 +82,10 @@ def compare(key: str, model, history) -> dict:
     href = ref.fit(x, y, batch_size=batch, epochs=epochs, shuffle=False, verbose=0, sample_weight=sw)
     initial = compiled(name, optimizer).get_weights()
     return {
-        "err": max(float(np.abs(a - b).max() / (np.abs(b).max() + 1e-6)) for a, b in zip(model.get_weights(), ref.get_weights())),
+        "err": max(
+            float(np.abs(a - b).max() / (np.abs(b).max() + 1e-6))
+            for a, b in zip(model.get_weights(), ref.get_weights())
+        ),
         "moved": max(float(np.abs(a - b).max()) for a, b in zip(model.get_weights(), initial)),
         "history": history.history,
         "ref_history": href.history,

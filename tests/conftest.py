@@ -17,7 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def mpi_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), str(ROOT / "tests")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
     env.setdefault("OMPI_MCA_btl", "^ofi")
     env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     env.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
@@ -27,20 +29,30 @@ def mpi_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def mpirun(np: int, args: list[str], timeout: float = 300, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def mpirun(
+    np: int, args: list[str], timeout: float = 300, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run `args` on `np` real MPI ranks (mpirun beside this Python unless HYPARFLOW_MPIRUN),
     killing the job after `timeout` seconds; on failure every rank's output is shown."""
     from hyparflow.launch import Launch
 
     argv = Launch(np=np, command=args).argv()
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env or mpi_env(), start_new_session=True)
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, env=env or mpi_env(), start_new_session=True
+        )
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         err = (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
-        pytest.fail(f"MPI job hung: {' '.join(argv)} did not finish in {timeout} s\n--- stdout\n{out[-6000:]}\n--- stderr\n{err[-6000:]}")
+        pytest.fail(
+            f"MPI job hung: {' '.join(argv)} did not finish in {timeout} s\n--- stdout\n{out[-6000:]}\n--- "
+            f"stderr\n{err[-6000:]}"
+        )
     if check and proc.returncode != 0:
-        pytest.fail(f"MPI job failed (exit {proc.returncode}): {' '.join(argv)}\n--- stdout\n{proc.stdout[-8000:]}\n--- stderr\n{proc.stderr[-8000:]}")
+        pytest.fail(
+            f"MPI job failed (exit {proc.returncode}): {' '.join(argv)}\n--- stdout\n{proc.stdout[-8000:]}\n--- "
+            f"stderr\n{proc.stderr[-8000:]}"
+        )
     return proc
 
 

@@ -59,7 +59,9 @@ def check_transparent(model, parts_list, n=5, xs=None, balance="flops", regulari
     errors = {}
     with tf.GradientTape() as tape:
         ref = keras.tree.flatten(model(xs if len(xs) > 1 else xs[0], training=False))
-    seeds = [tf.constant(np.random.default_rng(i).standard_normal(r.shape).astype("float32")) for i, r in enumerate(ref)]
+    seeds = [
+        tf.constant(np.random.default_rng(i).standard_normal(r.shape).astype("float32")) for i, r in enumerate(ref)
+    ]
     ref_grads = tape.gradient(ref, model.trainable_variables, output_gradients=seeds)
     for parts in parts_list:
         plan = hf.plan(model, parts, balance=balance)
@@ -67,8 +69,12 @@ def check_transparent(model, parts_list, n=5, xs=None, balance="flops", regulari
         assert sum(len(s.calls) for s in plan.stages) == len(plan.graph)
         outs, grads = stagewise(plan, xs, seeds)
         for o, r in zip(outs, ref):
-            np.testing.assert_allclose(o.numpy(), r.numpy(), rtol=1e-5, atol=1e-5, err_msg=f"{model.name} P={parts} outputs")
-        assert set(grads) == {id(v) for v in model.trainable_variables}, f"{model.name} P={parts}: a variable is in no stage"
+            np.testing.assert_allclose(
+                o.numpy(), r.numpy(), rtol=1e-5, atol=1e-5, err_msg=f"{model.name} P={parts} outputs"
+            )
+        assert set(grads) == {id(v) for v in model.trainable_variables}, (
+            f"{model.name} P={parts}: a variable is in no stage"
+        )
         errors[parts] = (
             max(_rel_err(o, r) for o, r in zip(outs, ref)),
             max((_rel_err(grads[id(v)], r) for v, r in zip(model.trainable_variables, ref_grads)), default=0.0),

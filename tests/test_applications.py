@@ -76,7 +76,9 @@ def trainable_copy(fn, size):
 
 
 def test_every_constructor_is_found():
-    assert len(CONSTRUCTORS) >= 40 and {"ResNet50", "MobileNetV3Small", "ConvNeXtTiny", "NASNetMobile"} <= set(CONSTRUCTORS)
+    assert len(CONSTRUCTORS) >= 40 and {"ResNet50", "MobileNetV3Small", "ConvNeXtTiny", "NASNetMobile"} <= set(
+        CONSTRUCTORS
+    )
 
 
 @pytest.mark.parametrize("name", sorted(CONSTRUCTORS))
@@ -92,7 +94,9 @@ def test_application(name, request):
         print(f"\n{name} {size}px {params} params: planned at P=2 and P=4")
     elif params > TRAIN_MAX_PARAMS:
         errors = check_transparent(model, [4], n=2, regularization=False)
-        print(f"\n{name} {size}px {params} params, stagewise P=4: outputs {errors[4][0]:.1e} gradients {errors[4][1]:.1e}")
+        print(
+            f"\n{name} {size}px {params} params, stagewise P=4: outputs {errors[4][0]:.1e} gradients {errors[4][1]:.1e}"
+        )
     else:
         del model
         request.getfixturevalue("float64")

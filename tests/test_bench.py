@@ -21,7 +21,8 @@ def test_bench_reports_every_variant(tmp_path):
         {"name": "hyparflow P=4 R=1 M=4 1f1b", "throughput": 1.0},
     ]}))  # fmt: skip
     out = hyparflow(
-        "bench", "--model", "mlp", "--batch-size", "32", "--steps", "2", "--windows", "2", "--warmup", "1", "--repeats", "1",
+        "bench", "--model", "mlp", "--batch-size", "32", "--steps", "2", "--windows", "2", "--warmup", "1",
+        "--repeats", "1",
         "--configs", "1x1x1,2x1x2:gpipe", "--comm-sizes", "1", "--out", str(tmp_path), "--compare", str(old),
         timeout=600,
     )  # fmt: skip
@@ -45,7 +46,12 @@ def test_bench_reports_every_variant(tmp_path):
     assert pipe["bubble_bound"] == pytest.approx(1 / 3)
     assert sorted(s["stage"] for s in pipe["stages"]) == [0, 1]
     assert all(s["compute"] > 0 and s["wall"] > 0 for s in pipe["stages"])
-    assert set(report["comm"]["1.0"]) == {"sendrecv_raw_GBs", "sendrecv_hyparflow_GBs", "allreduce_raw_GBs", "allreduce_hyparflow_GBs"}
+    assert set(report["comm"]["1.0"]) == {
+        "sendrecv_raw_GBs",
+        "sendrecv_hyparflow_GBs",
+        "allreduce_raw_GBs",
+        "allreduce_hyparflow_GBs",
+    }
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert "vs keras" in out.stdout and "send/recv raw" in out.stdout
     assert "verbose=1" in out.stdout and "2nd fit start-up <= 1 s" in out.stdout  # the whole-call table and its targets

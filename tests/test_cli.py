@@ -16,7 +16,15 @@ from hyparflow.launch import Launch
 
 
 def hyparflow(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hyparflow", *args], capture_output=True, text=True, timeout=timeout, env=mpi_env(), cwd=ROOT, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "hyparflow", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=mpi_env(),
+        cwd=ROOT,
+        **kw,
+    )
 
 
 def test_version():
@@ -34,7 +42,18 @@ def test_info_under_mpirun_reports_world_size_and_library():
 
 @pytest.mark.mpi
 def test_run_trains_with_the_map_printed():
-    out = hyparflow("run", "-np", "4", "--partitions", "2", "--microbatches", "2", sys.executable, str(SCRIPTS / "user_script.py"), timeout=400)
+    out = hyparflow(
+        "run",
+        "-np",
+        "4",
+        "--partitions",
+        "2",
+        "--microbatches",
+        "2",
+        sys.executable,
+        str(SCRIPTS / "user_script.py"),
+        timeout=400,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     text = out.stdout + out.stderr
     assert "rank map (P=2 x R=2, M=2" in text
@@ -82,9 +101,13 @@ def test_plan_command_bad_model_is_a_clear_error():
 # ---- launch lines (argument building only: no job runs) -----------------------------
 def test_openmpi_line_as_root_with_hosts(monkeypatch):
     monkeypatch.setattr("os.geteuid", lambda: 0)
-    argv = Launch(np=8, command=["python", "t.py"], hosts="a:4,b:4", settings={"HYPARFLOW_PARTITIONS": "4"}).argv("/x/mpirun", "openmpi")
+    argv = Launch(np=8, command=["python", "t.py"], hosts="a:4,b:4", settings={"HYPARFLOW_PARTITIONS": "4"}).argv(
+        "/x/mpirun", "openmpi"
+    )
     assert argv[:3] == ["/x/mpirun", "-np", "8"]
-    assert "--allow-run-as-root" in argv and ["--host", "a:4,b:4"] == argv[argv.index("--host") : argv.index("--host") + 2]
+    assert (
+        "--allow-run-as-root" in argv and ["--host", "a:4,b:4"] == argv[argv.index("--host") : argv.index("--host") + 2]
+    )
     assert "mpi_yield_when_idle" in argv and argv[-2:] == ["python", "t.py"]
 
 
@@ -156,7 +179,11 @@ def test_plan_command_for_a_users_module_function(tmp_path):
     env = mpi_env()
     env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
     out = subprocess.run(
-        [sys.executable, "-m", "hyparflow", "plan", "mymodels:tiny", "--partitions", "3"], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-m", "hyparflow", "plan", "mymodels:tiny", "--partitions", "3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     assert "3 layer calls in 3 stages" in out.stdout

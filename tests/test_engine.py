@@ -39,7 +39,9 @@ def test_weights_equal_plain_keras(results, case):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("case", ["history P2 R2 M2 two epochs", "multi_io P4 M4 sample weights adam", "uneven P2 R2 M4 adam"])
+@pytest.mark.parametrize(
+    "case", ["history P2 R2 M2 two epochs", "multi_io P4 M4 sample weights adam", "uneven P2 R2 M4 adam"]
+)
 def test_history_equals_plain_keras(results, case):
     ours, ref = results[case]["history"], results[case]["ref_history"]
     assert sorted(ours) == sorted(ref)

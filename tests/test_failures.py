@@ -22,14 +22,25 @@ from hyparflow import config
 REPEATS = int(os.environ.get("HYPARFLOW_FAULT_REPEATS", "5"))
 # (grid, partitions, failing rank, its place) for a 2x2 grid and a 4x1 pipeline
 GRIDS = [("2x2", 2, 3, r"rank 3 \(replica 1, stage 1\)"), ("4x1", 4, 2, r"rank 2 \(replica 0, stage 2\)")]
-PHASES = {"forward": "forward", "backward": "backward", "allreduce": "allreduce", "callback": "callback on_train_batch_end"}
+PHASES = {
+    "forward": "forward",
+    "backward": "backward",
+    "allreduce": "allreduce",
+    "callback": "callback on_train_batch_end",
+}
 
 
 def run_faulty(args: list[str], tmp_path, timeout: float = 150):
     stamp = tmp_path / "stamp"
     if stamp.exists():
         stamp.unlink()
-    proc = mpirun(4, [sys.executable, str(SCRIPTS / "faults.py"), *args], timeout=timeout, env=mpi_env(HYPARFLOW_FAULT_STAMP=str(stamp)), check=False)
+    proc = mpirun(
+        4,
+        [sys.executable, str(SCRIPTS / "faults.py"), *args],
+        timeout=timeout,
+        env=mpi_env(HYPARFLOW_FAULT_STAMP=str(stamp)),
+        check=False,
+    )
     ended = time.time()
     return proc, (ended - float(stamp.read_text())) if stamp.exists() else None
 
@@ -69,9 +80,11 @@ def test_stall_is_reported_then_aborted(tmp_path):
     proc = mpirun(4, [sys.executable, str(SCRIPTS / "faults.py"), "stall", "1"], timeout=120, env=env, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert re.search(r"rank [023] \(replica \d, stage \d\) has waited \d+ s for the other ranks in a collective \((stop decision|log aggregation)\)", out), out[
-        -3000:
-    ]
+    assert re.search(
+        r"rank [023] \(replica \d, stage \d\) has waited \d+ s for the other ranks in a collective "
+        r"\((stop decision|log aggregation)\)",
+        out,
+    ), out[-3000:]
     assert re.search(r"stalled \d+ s waiting for the other ranks", out)
     assert time.time() - start < 60  # not the 60 s the sleeping rank would take
 
@@ -122,11 +135,20 @@ Y = np.random.default_rng(1).integers(0, 4, 40)
         (lambda: hf.fit(compiled(), X, Y, validation_split=1.0), r"validation_split must be in \[0, 1\)"),
         (lambda: hf.fit(compiled(), X, Y, validation_data=(X,)), "validation_data must be"),
         (lambda: hf.fit(compiled(), X, Y, steps_per_epoch=0), "steps_per_epoch must be a positive integer"),
-        (lambda: hf.fit(compiled(), X, Y, class_weight={0: 1.0}), r"class_weight has no weight for classes \[1, 2, 3\]"),
-        (lambda: hf.fit(compiled(), X, Y, sample_weight=np.ones(7)), r"sample_weight for output 'out' has shape \(7,\)"),
+        (
+            lambda: hf.fit(compiled(), X, Y, class_weight={0: 1.0}),
+            r"class_weight has no weight for classes \[1, 2, 3\]",
+        ),
+        (
+            lambda: hf.fit(compiled(), X, Y, sample_weight=np.ones(7)),
+            r"sample_weight for output 'out' has shape \(7,\)",
+        ),
         (lambda: hf.fit(compiled(), {"nope": X}, Y), r"x has keys \['nope'\]"),
         (lambda: hf.fit(compiled(), [X, X], Y), r"x has 2 arrays but the model has 1"),
-        (lambda: hf.fit(compiled(), X, Y, resume_from="/nonexistent/ck.keras"), "checkpoint /nonexistent/ck.keras does not exist"),
+        (
+            lambda: hf.fit(compiled(), X, Y, resume_from="/nonexistent/ck.keras"),
+            "checkpoint /nonexistent/ck.keras does not exist",
+        ),
         (lambda: hf.fit(compiled(), X, Y, balance=[5]), r"balance=\[5\] sums to 5 but model 'mlp' has 4 layer calls"),
         (lambda: hf.fit(compiled(), X, Y, placement_policy="zigzag"), "placement policy 'zigzag'"),
         (lambda: hf.predict(zoo.mlp(depth=3), X, batch_size=-2), "batch_size must be a positive integer"),
@@ -168,7 +190,16 @@ def test_newest_valid_checkpoint_is_used(tmp_path):
 def test_nan_loss_stops_with_terminate_on_nan():
     bad = X.copy()
     bad[13] = np.nan
-    h = hf.fit(compiled(), bad, Y, batch_size=8, epochs=3, verbose=0, shuffle=False, callbacks=[keras.callbacks.TerminateOnNaN()])
+    h = hf.fit(
+        compiled(),
+        bad,
+        Y,
+        batch_size=8,
+        epochs=3,
+        verbose=0,
+        shuffle=False,
+        callbacks=[keras.callbacks.TerminateOnNaN()],
+    )
     assert len(h.epoch) == 1 and np.isnan(h.history["loss"][0])
 
 

@@ -42,7 +42,12 @@ def test_nested_models_are_expanded_and_left_untouched():
     plan = hf.plan(model, 4, balance="time")  # "time" runs every call in training mode
     calls = plan.graph.calls
     kinds = {(c.name.rsplit("/", 1)[0], type(c.layer).__name__) for c in calls}
-    want = {("middle/block", "BatchNormalization"), ("block#1", "BatchNormalization"), ("seq", "Dropout"), ("middle", "Add")}
+    want = {
+        ("middle/block", "BatchNormalization"),
+        ("block#1", "BatchNormalization"),
+        ("seq", "Dropout"),
+        ("middle", "Add"),
+    }
     assert want <= kinds
     assert [(c.name.split("/")[0], c.context) for c in calls if c.context] == [("block#1", {"training": False})] * 3
     after = (model.to_json(), [len(layer._inbound_nodes) for layer in model._flatten_layers()], model.get_weights())

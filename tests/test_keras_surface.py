@@ -34,23 +34,30 @@ def max_rel(a, b) -> float:
     return max(float(np.abs(u - v).max() / (np.abs(v).max() + 1e-6)) for u, v in zip(a, b))
 
 
-@pytest.mark.parametrize("ours, theirs", [(hf.fit, keras.Model.fit), (hf.evaluate, keras.Model.evaluate),
-                                                         (hf.predict, keras.Model.predict)])
+@pytest.mark.parametrize(
+    "ours, theirs", [(hf.fit, keras.Model.fit), (hf.evaluate, keras.Model.evaluate), (hf.predict, keras.Model.predict)]
+)
 def test_every_keras_keyword_with_its_default(ours, theirs):
-    keras_params = [p for p in inspect.signature(theirs).parameters.values() if p.name != "self" and p.kind != p.VAR_KEYWORD]
+    keras_params = [
+        p for p in inspect.signature(theirs).parameters.values() if p.name != "self" and p.kind != p.VAR_KEYWORD
+    ]
     mine = list(inspect.signature(ours).parameters.values())
     assert mine[0].name == "model"
     assert [(p.name, p.kind, p.default) for p in mine[1 : 1 + len(keras_params)]] == [
         (p.name, p.kind, p.default) for p in keras_params
     ], "Keras's own parameters, in Keras's order, kinds and defaults"
-    assert all(p.kind == p.KEYWORD_ONLY for p in mine[1 + len(keras_params) :]), "hyparflow's own keywords come after, by name"
+    assert all(p.kind == p.KEYWORD_ONLY for p in mine[1 + len(keras_params) :]), (
+        "hyparflow's own keywords come after, by name"
+    )
 
 
 def test_evaluate_and_predict_keywords_behave_as_in_keras():
     def call(model, comm):
         layout = {"num_partitions": 2, "num_microbatches": 2, "comm": comm}
-        return (hf.evaluate(model, X, Y, batch_size=16, verbose=0, steps=2, return_dict=True, **layout),
-                hf.predict(model, X, batch_size=16, verbose=0, steps=2, **layout))
+        return (
+            hf.evaluate(model, X, Y, batch_size=16, verbose=0, steps=2, return_dict=True, **layout),
+            hf.predict(model, X, batch_size=16, verbose=0, steps=2, **layout),
+        )
 
     models, results = on_grid(4, call)
     ref = mlp()
@@ -62,8 +69,16 @@ def test_evaluate_and_predict_keywords_behave_as_in_keras():
 
 
 def test_validation_freq_steps_and_batch_size_as_in_keras():
-    kw = dict(batch_size=8, epochs=4, validation_data=(X[:40], Y[:40]), validation_freq=2, validation_steps=3,
-              validation_batch_size=4, shuffle=False, verbose=0)
+    kw = dict(
+        batch_size=8,
+        epochs=4,
+        validation_data=(X[:40], Y[:40]),
+        validation_freq=2,
+        validation_steps=3,
+        validation_batch_size=4,
+        shuffle=False,
+        verbose=0,
+    )
     _, histories = on_grid(4, lambda m, comm: hf.fit(m, X, Y, num_partitions=2, comm=comm, **kw))
     ref = mlp().fit(X, Y, **kw)
     ours = histories[0].history
@@ -107,7 +122,9 @@ def test_every_input_kind_trains_as_keras(kind):
         data = make()
         return (data if isinstance(data, tuple) else (data,)), kw | {"epochs": 2, "shuffle": False, "verbose": 0}
 
-    models, _ = on_grid(4, lambda m, comm: hf.fit(m, *args()[0], num_partitions=2, num_microbatches=2, comm=comm, **args()[1]))
+    models, _ = on_grid(
+        4, lambda m, comm: hf.fit(m, *args()[0], num_partitions=2, num_microbatches=2, comm=comm, **args()[1])
+    )
     ref = mlp()
     ref.fit(*args()[0], **args()[1])
     assert max_rel(models[0].get_weights(), ref.get_weights()) < 1e-5

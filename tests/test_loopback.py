@@ -129,7 +129,9 @@ def test_batchnorm_statistics_are_averaged_across_replicas():
         inp = keras.Input((12,))
         out = keras.layers.Dense(3)(keras.layers.BatchNormalization(momentum=0.5)(keras.layers.Dense(6)(inp)))
         model = keras.Model(inp, out)
-        model.compile(optimizer=keras.optimizers.SGD(0.0), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.0), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        )
         return model
 
     models, _ = grid_fit(bn_model, 2, num_partitions=1, gather="all")

@@ -38,13 +38,31 @@ def hosts():
 
 
 def on_host1(env, *cmd, timeout=300):
-    return subprocess.run([CLUSTER, "exec", "hfnode1", *cmd], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [CLUSTER, "exec", "hfnode1", *cmd], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT
+    )
 
 
 @pytest.mark.mpi
 def test_each_namespace_is_a_node(hosts):
-    code = "from mpi4py import MPI; import socket; c = MPI.COMM_WORLD; print('R', c.rank, socket.gethostname(), c.Split_type(MPI.COMM_TYPE_SHARED).size)"
-    proc = on_host1(hosts, sys.executable, "-m", "hyparflow", "run", "-np", "4", "--hosts", "hfnode1:2,hfnode2:2", sys.executable, "-c", code)
+    code = (
+        "from mpi4py import MPI; import socket; c = MPI.COMM_WORLD; "
+        "print('R', c.rank, socket.gethostname(), c.Split_type(MPI.COMM_TYPE_SHARED).size)"
+    )
+    proc = on_host1(
+        hosts,
+        sys.executable,
+        "-m",
+        "hyparflow",
+        "run",
+        "-np",
+        "4",
+        "--hosts",
+        "hfnode1:2,hfnode2:2",
+        sys.executable,
+        "-c",
+        code,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = sorted(re.findall(r"^R (\d) (\S+) (\d)$", proc.stdout, re.M))
     assert rows == [("0", "hfnode1", "2"), ("1", "hfnode1", "2"), ("2", "hfnode2", "2"), ("3", "hfnode2", "2")]

@@ -18,4 +18,6 @@ def test_quickstart_notebook_executes(monkeypatch):
     assert "Plan:" in printed and "2 stages" in printed
     assert "val_accuracy" in printed
     assert "share of that time per rank" in printed  # the timeline's summary, then its Gantt chart shown
-    assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert any(
+        "image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+    )

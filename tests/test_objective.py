@@ -82,8 +82,12 @@ LOSSES = {
 
 
 # A per-sample loss has no dense (per-element) weights: that combination does not exist.
-COMBINATIONS = [(k, w) for k in ("sample", "token", "token_masked", "pixel") for w in ("none", "per_sample", "dense")
-                if not (k == "sample" and w == "dense")]
+COMBINATIONS = [
+    (k, w)
+    for k in ("sample", "token", "token_masked", "pixel")
+    for w in ("none", "per_sample", "dense")
+    if not (k == "sample" and w == "dense")
+]
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))

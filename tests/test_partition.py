@@ -110,7 +110,10 @@ def test_balanced_cuts_is_optimal_against_brute_force():
         costs = list(rng.uniform(0.1, 5, n))
         starts = balanced_cuts(costs, parts)
         got = max(sum(costs[a:b]) for a, b in zip(starts, starts[1:] + [n]))
-        best = min(max(sum(costs[a:b]) for a, b in zip((0,) + cut, cut + (n,))) for cut in itertools.combinations(range(1, n), parts - 1))
+        best = min(
+            max(sum(costs[a:b]) for a, b in zip((0,) + cut, cut + (n,)))
+            for cut in itertools.combinations(range(1, n), parts - 1)
+        )
         assert got == pytest.approx(best, rel=1e-6)
 
 
@@ -217,11 +220,19 @@ def _ragged_sequence_model():
         (lambda: zoo.mlp(depth=2), {"num_partitions": 2, "balance": [1, 1]}, "sums to 2 but model 'mlp' has 3"),
         (lambda: zoo.mlp(depth=2), {"num_partitions": 2, "balance": [3]}, "gives 1 layer counts but num_partitions=2"),
         (lambda: zoo.mlp(depth=2), {"num_partitions": 2, "balance": [0, 3]}, "at least one layer"),
-        (lambda: zoo.mlp(depth=2), {"num_partitions": 2, "balance": ["no_such_layer"]}, "unknown layer 'no_such_layer'"),
+        (
+            lambda: zoo.mlp(depth=2),
+            {"num_partitions": 2, "balance": ["no_such_layer"]},
+            "unknown layer 'no_such_layer'",
+        ),
         (lambda: zoo.mlp(depth=2), {"num_partitions": 2, "balance": "speed"}, "balance='speed'"),
         (lambda: zoo.mlp(depth=2), {"num_partitions": 2, "balance": [1, "a"]}, "only layer counts"),
         (lambda: zoo.shared(), {"num_partitions": 20}, "exceeds the 10 layer calls"),
-        (lambda: _ragged_sequence_model(), {"num_partitions": 2, "balance": [1, 2]}, r"shape \(None, 8\) with unknown dimensions"),
+        (
+            lambda: _ragged_sequence_model(),
+            {"num_partitions": 2, "balance": [1, 2]},
+            r"shape \(None, 8\) with unknown dimensions",
+        ),
     ],
 )
 def test_bad_plan_inputs(make, kwargs, message):

@@ -15,7 +15,9 @@ PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge", "libpmix2", "libpmix
 
 
 def _have_slurm() -> bool:
-    return all(shutil.which(b) for b in ("sbatch", "slurmctld", "slurmd", "munged")) and os.path.exists("/usr/lib/x86_64-linux-gnu/libpmix.so")
+    return all(shutil.which(b) for b in ("sbatch", "slurmctld", "slurmd", "munged")) and os.path.exists(
+        "/usr/lib/x86_64-linux-gnu/libpmix.so"
+    )
 
 
 def _install() -> str | None:
@@ -79,7 +81,13 @@ def test_hybrid_sbatch_template_trains_on_a_2x2_grid(slurm, tmp_path):
 def test_srun_gives_a_real_world_of_4(slurm):
     env, _ = slurm
     code = "from mpi4py import MPI; print('size', MPI.COMM_WORLD.Get_size())"
-    proc = subprocess.run(["srun", "--mpi=pmix", "-n", "4", sys_python(), "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        ["srun", "--mpi=pmix", "-n", "4", sys_python(), "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split().count("4") == 4  # not four worlds of 1 (what --mpi=none gives)
 
@@ -88,8 +96,13 @@ def test_srun_gives_a_real_world_of_4(slurm):
 def test_hyparflow_run_uses_srun_inside_an_allocation(slurm):
     env, _ = slurm
     code = "from mpi4py import MPI; print('size', MPI.COMM_WORLD.Get_size())"
-    cmd = f'{sys_python()} -m hyparflow run --dry-run -np 4 python x.py; {sys_python()} -m hyparflow run -np 4 {sys_python()} -c "{code}"'
-    proc = subprocess.run(["salloc", "-n", "4", "bash", "-c", cmd], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    cmd = (
+        f"{sys_python()} -m hyparflow run --dry-run -np 4 python x.py; "
+        f'{sys_python()} -m hyparflow run -np 4 {sys_python()} -c "{code}"'
+    )
+    proc = subprocess.run(
+        ["salloc", "-n", "4", "bash", "-c", cmd], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("srun --mpi=pmix -n 4 python x.py")
     assert proc.stdout.count("size 4") == 4

@@ -16,8 +16,13 @@ from conftest import SCRIPTS, mpi_env, mpirun
 
 def launch(mode: str, tmp_path, np: int = 4, timeout: float = 120, **env: str):
     out, stamp = tmp_path / f"{mode}.json", tmp_path / "stamp"
-    proc = mpirun(np, [sys.executable, str(SCRIPTS / "startup.py"), mode, str(out)], timeout=timeout,
-                  env=mpi_env(HYPARFLOW_FAULT_STAMP=str(stamp), **env), check=False)
+    proc = mpirun(
+        np,
+        [sys.executable, str(SCRIPTS / "startup.py"), mode, str(out)],
+        timeout=timeout,
+        env=mpi_env(HYPARFLOW_FAULT_STAMP=str(stamp), **env),
+        check=False,
+    )
     after = time.time() - float(stamp.read_text()) if stamp.exists() else None
     return proc, proc.stdout + proc.stderr, after, out
 

@@ -69,7 +69,10 @@ def test_digits_cnn_reaches_keras_accuracy(r):
     assert abs(ours - ref) <= 0.01
 
 
-@pytest.mark.parametrize("policy, dtype, optimizer", [("mixed_float16", "float16", "LossScaleOptimizer"), ("mixed_bfloat16", "bfloat16", "Adam")])
+@pytest.mark.parametrize(
+    "policy, dtype, optimizer",
+    [("mixed_float16", "float16", "LossScaleOptimizer"), ("mixed_bfloat16", "bfloat16", "Adam")],
+)
 def test_mixed_precision(r, policy, dtype, optimizer):
     m = r["mixed"][policy]
     assert m["boundary_dtypes"] == [dtype]

@@ -47,11 +47,19 @@ def check_trace(trace: dict, kind: str, P: int, R: int, M: int, steps: int, test
         for a, b in zip(flat, flat[1:]):
             assert b["ts"] >= a["ts"] + a["dur"] - 0.01, f"rank {rank}: {a['name']} overlaps {b['name']}"
         fused = stage == P - 1
-        expected = [("fused" if fused else "forward", m) if op == FORWARD else ("backward", m)
-                    for op, m in schedule(kind, P, stage, M) if not (fused and op != FORWARD)]
+        expected = [
+            ("fused" if fused else "forward", m) if op == FORWARD else ("backward", m)
+            for op, m in schedule(kind, P, stage, M)
+            if not (fused and op != FORWARD)
+        ]
         for i in range(steps):
-            ops = [e for e in mine if e["cat"] in ("forward", "backward", "fused") and e["args"]["mode"] == "train"
-                   and e["args"]["step"] == i]
+            ops = [
+                e
+                for e in mine
+                if e["cat"] in ("forward", "backward", "fused")
+                and e["args"]["mode"] == "train"
+                and e["args"]["step"] == i
+            ]
             assert [(e["cat"], e["args"]["micro_batch"]) for e in ops] == expected, f"rank {rank}, step {i}"
             for e in ops:
                 compute[(replica, stage, i, "B" if e["cat"] == "backward" else "F", e["args"]["micro_batch"])] = e
@@ -93,9 +101,22 @@ def test_timeline_on_loopback_ranks(tmp_path, capsys):
     for m in models:
         m.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     path = str(tmp_path / "trace.json")
-    loopback.run(2, lambda comm: hf.fit(models[comm.Get_rank()], x, y, batch_size=8, epochs=1, verbose=0,
-                                        num_partitions=2, num_microbatches=3, schedule="gpipe", timeline=path,
-                                        comm=comm))
+    loopback.run(
+        2,
+        lambda comm: hf.fit(
+            models[comm.Get_rank()],
+            x,
+            y,
+            batch_size=8,
+            epochs=1,
+            verbose=0,
+            num_partitions=2,
+            num_microbatches=3,
+            schedule="gpipe",
+            timeline=path,
+            comm=comm,
+        ),
+    )
     with open(path) as f:
         trace = json.load(f)
     check_trace(trace, "gpipe", 2, 1, 3, 4, 0)

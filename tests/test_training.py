@@ -1,9 +1,9 @@
 """Training any Keras graph equals plain Keras `fit` (2 SGD steps, every weight within 1e-4
 relative) through the loopback engine, in float64 so that Keras's own noise floor (the
-same batches with their rows reordered) stays far below the tolerance: weights tied across stages (a transformer LM whose logits
-reuse its input embedding; keras_hub backbones nested in a model), transfer learning on
-a nested application base, Keras masks crossing a cut, plain ops on every side of a cut.
-Every tied variable's copies are checked bit-identical on every rank holding them."""
+same batches with their rows reordered) stays far below the tolerance: weights tied across
+stages (a transformer LM whose logits reuse its input embedding; keras_hub backbones nested
+in a model), transfer learning on a nested application base, Keras masks crossing a cut,
+plain ops on every side of a cut. Every tied variable's copies are checked bit-identical on every rank holding them."""
 
 from __future__ import annotations
 
@@ -61,8 +61,15 @@ def test_keras_hub_backbone_nested_with_a_head():
 
     def build():
         keras.utils.set_random_seed(0)
-        backbone = keras_hub.models.BertBackbone(vocabulary_size=30, num_layers=2, num_heads=2, hidden_dim=8,
-                                                 intermediate_dim=16, max_sequence_length=8, dropout=0.0)
+        backbone = keras_hub.models.BertBackbone(
+            vocabulary_size=30,
+            num_layers=2,
+            num_heads=2,
+            hidden_dim=8,
+            intermediate_dim=16,
+            max_sequence_length=8,
+            dropout=0.0,
+        )
         names = ("token_ids", "segment_ids", "padding_mask")
         inputs = {name: keras.Input((8,), dtype="int32", name=name) for name in names}
         out = backbone(inputs)
@@ -103,7 +110,8 @@ def test_ops_on_every_side_of_a_cut():
     x, y = zoo.sample_inputs(model, 16), zoo.sample_targets(model, 16)[0]
     for counts in ([3, len(ModelGraph(model)) - 3], [6, len(ModelGraph(model)) - 6]):
         calls = ModelGraph(model).calls
-        assert not isinstance(calls[counts[0] - 1].layer, keras.layers.Layer) or \
-            not isinstance(calls[counts[0]].layer, keras.layers.Layer)
+        assert not isinstance(calls[counts[0] - 1].layer, keras.layers.Layer) or not isinstance(
+            calls[counts[0]].layer, keras.layers.Layer
+        )
         check(train_like_keras(build, x, y, 2, balance=counts))
     check(train_like_keras(build, x, y, 4))

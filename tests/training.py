@@ -40,8 +40,16 @@ def _rows(data, order):
     return [d[order] for d in data] if isinstance(data, list) else data[order]
 
 
-def train_like_keras(build, x, y, num_partitions: int, num_replicas: int = 1, num_microbatches: int = 1,
-                     batch_size: int = 8, balance="flops") -> Result:
+def train_like_keras(
+    build,
+    x,
+    y,
+    num_partitions: int,
+    num_replicas: int = 1,
+    num_microbatches: int = 1,
+    batch_size: int = 8,
+    balance="flops",
+) -> Result:
     """Train `build()` (compiled with plain SGD, so a refit from the same weights starts
     afresh) with hyparflow on a loopback grid and with Keras; compare every weight.
 
@@ -56,16 +64,32 @@ def train_like_keras(build, x, y, num_partitions: int, num_replicas: int = 1, nu
     ref.fit(x, y, batch_size=batch_size, shuffle=False, verbose=0)
     want = ref.get_weights()
     n = len(y[0] if isinstance(y, list) else y)
-    order = np.concatenate([s + np.random.default_rng(s).permutation(len(b)) for s, b in
-                            ((s, np.arange(s, min(s + batch_size, n))) for s in range(0, n, batch_size))])
+    order = np.concatenate(
+        [
+            s + np.random.default_rng(s).permutation(len(b))
+            for s, b in ((s, np.arange(s, min(s + batch_size, n))) for s in range(0, n, batch_size))
+        ]
+    )
     ref.set_weights(initial)
     ref.fit(_rows(x, order), _rows(y, order), batch_size=batch_size, shuffle=False, verbose=0)
     floor = max_rel(ref.get_weights(), want)
     snapshots = [_Snapshot() for _ in range(ranks)]
-    loopback.run(ranks, lambda comm: hf.fit(
-        models[comm.Get_rank()], x, y, batch_size=batch_size, num_partitions=num_partitions,
-        num_microbatches=num_microbatches, shuffle=False, verbose=0, balance=balance,
-        callbacks=[snapshots[comm.Get_rank()]], comm=comm))
+    loopback.run(
+        ranks,
+        lambda comm: hf.fit(
+            models[comm.Get_rank()],
+            x,
+            y,
+            batch_size=batch_size,
+            num_partitions=num_partitions,
+            num_microbatches=num_microbatches,
+            shuffle=False,
+            verbose=0,
+            balance=balance,
+            callbacks=[snapshots[comm.Get_rank()]],
+            comm=comm,
+        ),
+    )
     tied = hf.plan(models[0], num_partitions, balance=balance).tied
     index = {id(v): i for i, v in enumerate(models[0].weights)}
     for v, stages in tied:

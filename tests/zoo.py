@@ -93,7 +93,14 @@ def nested(seed=0):
 def sequential(seed=0):
     keras.utils.set_random_seed(seed)
     return keras.Sequential(
-        [keras.Input((10,)), layers.Dense(16, activation="relu"), layers.Dense(16, activation="relu"), layers.Dropout(0.0), layers.Dense(16), layers.Dense(3)],
+        [
+            keras.Input((10,)),
+            layers.Dense(16, activation="relu"),
+            layers.Dense(16, activation="relu"),
+            layers.Dropout(0.0),
+            layers.Dense(16),
+            layers.Dense(3),
+        ],
         name="sequential",
     )
 
@@ -216,7 +223,11 @@ def sample_inputs(model, n: int, seed: int = 0) -> list[np.ndarray]:
     out = []
     for t in model.inputs:
         shape = (n,) + tuple(t.shape[1:])
-        out.append(rng.integers(0, 20, shape).astype("int32") if "int" in str(t.dtype) else rng.standard_normal(shape).astype("float32"))
+        out.append(
+            rng.integers(0, 20, shape).astype("int32")
+            if "int" in str(t.dtype)
+            else rng.standard_normal(shape).astype("float32")
+        )
     return out
 
 

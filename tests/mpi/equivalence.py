@@ -20,7 +20,10 @@ for key, spec in cases.CASES.items():
     mine = sorted({k[0] for k in optimizer_state(model.optimizer, model) if isinstance(k[0], int)})
     owned = world.gather(mine, root=0)  # optimizer state lives only where its variables do
     if world.Get_rank() == 0:
-        results[key] = cases.compare(key, model, history) | {"owned": owned, "n_trainable": len(model.trainable_variables)}
+        results[key] = cases.compare(key, model, history) | {
+            "owned": owned,
+            "n_trainable": len(model.trainable_variables),
+        }
 
 if world.Get_rank() == 0:
     with open(sys.argv[1], "w") as f:

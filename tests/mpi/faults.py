@@ -112,7 +112,18 @@ if what in ("forward", "backward", "allreduce", "callback"):
                     inject("callback")
 
         callbacks.append(Boom())
-    hf.fit(model(kind=what), X, Y, batch_size=16, epochs=3, num_partitions=P, num_microbatches=2, verbose=0, callbacks=callbacks, balance="flops")
+    hf.fit(
+        model(kind=what),
+        X,
+        Y,
+        batch_size=16,
+        epochs=3,
+        num_partitions=P,
+        num_microbatches=2,
+        verbose=0,
+        callbacks=callbacks,
+        balance="flops",
+    )
     print("finished without the fault", flush=True)
 
 elif what == "kill":
@@ -130,7 +141,18 @@ elif what == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
 
     m = model()
-    hf.fit(m, X, Y, batch_size=16, epochs=4, num_partitions=P, verbose=0, callbacks=[Kill()], checkpoint_dir=ckdir, balance="flops")
+    hf.fit(
+        m,
+        X,
+        Y,
+        batch_size=16,
+        epochs=4,
+        num_partitions=P,
+        verbose=0,
+        callbacks=[Kill()],
+        checkpoint_dir=ckdir,
+        balance="flops",
+    )
     ref = model()
     hf.fit(ref, X, Y, batch_size=16, epochs=4, num_partitions=P, verbose=0, balance="flops")
     if rank == 0:

@@ -68,8 +68,18 @@ def softmax():
 def case(key, spec, P, M, balance="flops"):
     build, x, y, sw = spec
     model = build()
-    hist = hf.fit(model, x, y, batch_size=BATCH, num_partitions=P, num_microbatches=M, balance=balance,
-                  shuffle=False, verbose=0, sample_weight=sw)
+    hist = hf.fit(
+        model,
+        x,
+        y,
+        batch_size=BATCH,
+        num_partitions=P,
+        num_microbatches=M,
+        balance=balance,
+        shuffle=False,
+        verbose=0,
+        sample_weight=sw,
+    )
     if rank == 0:
         ref, start = build(), build().get_weights()
         href = ref.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0, sample_weight=sw)

@@ -238,8 +238,16 @@ def timeseries_classification(api, folder: str) -> dict:
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=50, verbose=1),
     ]
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["sparse_categorical_accuracy"])
-    history = api.fit(model, x_train, y_train, batch_size=batch_size, epochs=epochs, callbacks=callbacks,
-                      validation_split=0.2, verbose=1)
+    history = api.fit(
+        model,
+        x_train,
+        y_train,
+        batch_size=batch_size,
+        epochs=epochs,
+        callbacks=callbacks,
+        validation_split=0.2,
+        verbose=1,
+    )
     model = keras.models.load_model(best)
     test_loss, test_acc = api.evaluate(model, x_test, y_test, verbose=0)
     predicted = api.predict(model, x_test, verbose=0)

@@ -30,7 +30,11 @@ def weights_err(a, b) -> float:
 
 def mlp(seed=0):
     m = zoo.mlp(seed)
-    m.compile(optimizer=keras.optimizers.Adam(0.01), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    m.compile(
+        optimizer=keras.optimizers.Adam(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     return m
 
 
@@ -42,10 +46,24 @@ YV = rng.integers(0, 4, 30)
 
 # 1. History with validation, P=2 x R=2, per epoch, vs model.fit
 m = mlp()
-h = hf.fit(m, X, Y, batch_size=16, epochs=3, num_partitions=2, num_microbatches=2, shuffle=False, verbose=0, validation_data=(XV, YV))
+h = hf.fit(
+    m,
+    X,
+    Y,
+    batch_size=16,
+    epochs=3,
+    num_partitions=2,
+    num_microbatches=2,
+    shuffle=False,
+    verbose=0,
+    validation_data=(XV, YV),
+)
 if rank == 0:
     ref = mlp()
-    out["history"] = {"ours": h.history, "ref": ref.fit(X, Y, batch_size=16, epochs=3, shuffle=False, verbose=0, validation_data=(XV, YV)).history}
+    out["history"] = {
+        "ours": h.history,
+        "ref": ref.fit(X, Y, batch_size=16, epochs=3, shuffle=False, verbose=0, validation_data=(XV, YV)).history,
+    }
 
 # 2. EarlyStopping and a stop decided on one rank only
 es = keras.callbacks.EarlyStopping(monitor="loss", patience=0, min_delta=10.0)
@@ -73,7 +91,18 @@ hf.fit(first, X, Y, batch_size=16, epochs=1, num_partitions=2, shuffle=False, ve
 path = os.path.join(tmp, "p2r2.keras")
 hf.save(first, path)
 resumed = mlp(seed=7)  # different initial weights: everything must come from the file
-hf.fit(resumed, X, Y, batch_size=16, epochs=2, initial_epoch=1, num_partitions=4, shuffle=False, verbose=0, resume_from=path)
+hf.fit(
+    resumed,
+    X,
+    Y,
+    batch_size=16,
+    epochs=2,
+    initial_epoch=1,
+    num_partitions=4,
+    shuffle=False,
+    verbose=0,
+    resume_from=path,
+)
 if rank == 0:
     plain = keras.models.load_model(path)
     plain.fit(X, Y, batch_size=16, epochs=1, shuffle=False, verbose=0)
@@ -83,10 +112,32 @@ if rank == 0:
 
 # 4. Periodic checkpoints keep the newest K; resume continues from the newest
 ckdir = os.path.join(tmp, "ck")
-hf.fit(mlp(), X, Y, batch_size=16, epochs=3, num_partitions=2, shuffle=False, verbose=0, checkpoint_dir=ckdir, checkpoint_keep=2)
+hf.fit(
+    mlp(),
+    X,
+    Y,
+    batch_size=16,
+    epochs=3,
+    num_partitions=2,
+    shuffle=False,
+    verbose=0,
+    checkpoint_dir=ckdir,
+    checkpoint_keep=2,
+)
 listing = sorted(os.listdir(ckdir)) if rank == 0 else None
 again = mlp(seed=3)
-h = hf.fit(again, X, Y, batch_size=16, epochs=4, num_partitions=2, shuffle=False, verbose=0, checkpoint_dir=ckdir, checkpoint_keep=2)
+h = hf.fit(
+    again,
+    X,
+    Y,
+    batch_size=16,
+    epochs=4,
+    num_partitions=2,
+    shuffle=False,
+    verbose=0,
+    checkpoint_dir=ckdir,
+    checkpoint_keep=2,
+)
 cont = mlp()
 hf.fit(cont, X, Y, batch_size=16, epochs=4, num_partitions=2, shuffle=False, verbose=0)
 if rank == 0:
@@ -97,7 +148,11 @@ if rank == 0:
 
 # 5. predict and evaluate of a multi-output model vs Keras
 mm = zoo.multi_io()
-mm.compile(optimizer="sgd", loss=[keras.losses.SparseCategoricalCrossentropy(from_logits=True)] * 2, metrics=[["accuracy"], ["accuracy"]])
+mm.compile(
+    optimizer="sgd",
+    loss=[keras.losses.SparseCategoricalCrossentropy(from_logits=True)] * 2,
+    metrics=[["accuracy"], ["accuracy"]],
+)
 xs, ys = zoo.sample_inputs(mm, 37), zoo.sample_targets(mm, 37)
 preds = hf.predict(mm, xs, batch_size=10, num_partitions=2, num_microbatches=2)
 ev = hf.evaluate(mm, xs, ys, batch_size=10, num_partitions=4, num_microbatches=3, return_dict=True)
@@ -123,20 +178,33 @@ h = hf.fit(dm, ds, epochs=2, num_partitions=2, num_microbatches=2, verbose=0, ca
 if rank == 0:
     ref = mlp()
     href = ref.fit(ds, epochs=2, verbose=0)
-    out["dataset"] = {"ours": h.history, "ref": href.history, "err": weights_err(dm.get_weights(), ref.get_weights()), "batches": len(n_seen)}
+    out["dataset"] = {
+        "ours": h.history,
+        "ref": href.history,
+        "err": weights_err(dm.get_weights(), ref.get_weights()),
+        "batches": len(n_seen),
+    }
 
 # 7. The model trains: digits, small CNN, P=2 x R=2 x M=4 vs plain model.fit
 x, y, xt, yt, k = datasets.load("digits")
 keras.utils.set_random_seed(0)
 cnn = models.build("cnn", x.shape[1:], k)
-cnn.compile(optimizer=keras.optimizers.Adam(0.003), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+cnn.compile(
+    optimizer=keras.optimizers.Adam(0.003),
+    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    metrics=["accuracy"],
+)
 init = cnn.get_weights()
 hf.fit(cnn, x, y, batch_size=64, epochs=6, num_partitions=2, num_microbatches=4, verbose=0, shuffle=False)
 acc = hf.evaluate(cnn, xt, yt, batch_size=128, num_partitions=2, return_dict=True)["accuracy"]
 if rank == 0:
     keras.utils.set_random_seed(0)
     ref = models.build("cnn", x.shape[1:], k)
-    ref.compile(optimizer=keras.optimizers.Adam(0.003), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    ref.compile(
+        optimizer=keras.optimizers.Adam(0.003),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     ref.set_weights(init)
     ref.fit(x, y, batch_size=64, epochs=6, verbose=0, shuffle=False)
     out["digits"] = {"ours": acc, "ref": ref.evaluate(xt, yt, verbose=0, return_dict=True)["accuracy"]}
@@ -154,11 +222,21 @@ for policy in ("mixed_float16", "mixed_bfloat16"):
         # The policy's noise floor: Keras against itself on inputs moved by half a unit in
         # the last place of the compute dtype (what rounding at another split does).
         twin = mlp()
-        twin.fit(X * (1 + {"mixed_float16": 2**-11, "mixed_bfloat16": 2**-8}[policy]), Y, batch_size=16, epochs=2,
-                 shuffle=False, verbose=0)
+        twin.fit(
+            X * (1 + {"mixed_float16": 2**-11, "mixed_bfloat16": 2**-8}[policy]),
+            Y,
+            batch_size=16,
+            epochs=2,
+            shuffle=False,
+            verbose=0,
+        )
         out["mixed"][policy] = {
-            "floor": weights_err([w.astype("float32") for w in twin.get_weights()], [w.astype("float32") for w in ref.get_weights()]),
-            "err": weights_err([w.astype("float32") for w in mp.get_weights()], [w.astype("float32") for w in ref.get_weights()]),
+            "floor": weights_err(
+                [w.astype("float32") for w in twin.get_weights()], [w.astype("float32") for w in ref.get_weights()]
+            ),
+            "err": weights_err(
+                [w.astype("float32") for w in mp.get_weights()], [w.astype("float32") for w in ref.get_weights()]
+            ),
             "loss": hmp.history["loss"],
             "ref_loss": href.history["loss"],
             "boundary_dtypes": dtypes,

@@ -36,16 +36,35 @@ runs = {
     "gpipe": dict(path=os.path.join(tmp, "trace-gpipe.json"), P=4, R=1, M=3, steps=3, test_steps=0),
 }
 model = mlp()
-hf.fit(model, X, Y, batch_size=16, epochs=2, verbose=0, num_partitions=2, num_microbatches=4,
-       validation_data=(X[:20], Y[:20]), validation_batch_size=10, timeline=runs["1f1b"]["path"])
+hf.fit(
+    model,
+    X,
+    Y,
+    batch_size=16,
+    epochs=2,
+    verbose=0,
+    num_partitions=2,
+    num_microbatches=4,
+    validation_data=(X[:20], Y[:20]),
+    validation_batch_size=10,
+    timeline=runs["1f1b"]["path"],
+)
 os.environ["HYPARFLOW_TIMELINE"] = runs["gpipe"]["path"]
 hf.fit(mlp(), X, Y, batch_size=16, epochs=1, verbose=0, num_partitions=4, num_microbatches=3, schedule="gpipe")
 del os.environ["HYPARFLOW_TIMELINE"]
 world.Barrier()
 before = os.stat(runs["1f1b"]["path"]).st_mtime_ns if rank == 0 else 0
-hf.fit(model, X, Y, batch_size=16, epochs=1, verbose=0, num_partitions=2, num_microbatches=4)  # reused session, no trace
+hf.fit(
+    model, X, Y, batch_size=16, epochs=1, verbose=0, num_partitions=2, num_microbatches=4
+)  # reused session, no trace
 
 if rank == 0:
     with open(sys.argv[1], "w") as f:
-        json.dump({"runs": runs, "untouched": os.stat(runs["1f1b"]["path"]).st_mtime_ns == before,
-                   "files": sorted(os.listdir(tmp))}, f)
+        json.dump(
+            {
+                "runs": runs,
+                "untouched": os.stat(runs["1f1b"]["path"]).st_mtime_ns == before,
+                "files": sorted(os.listdir(tmp)),
+            },
+            f,
+        )

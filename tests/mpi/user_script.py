@@ -13,7 +13,11 @@ logging.basicConfig(level=logging.INFO, format="%(message)s")
 x, y, xt, yt, k = data.load("digits")
 keras.utils.set_random_seed(0)
 model = models.build("cnn", x.shape[1:], k)
-model.compile(optimizer=keras.optimizers.Adam(0.003), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+model.compile(
+    optimizer=keras.optimizers.Adam(0.003),
+    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    metrics=["accuracy"],
+)
 hf.fit(model, x, y, batch_size=64, epochs=6, verbose=0)
 acc = hf.evaluate(model, xt, yt, batch_size=256, return_dict=True)["accuracy"]
 if MPI.COMM_WORLD.Get_rank() == 0:
