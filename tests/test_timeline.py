@@ -123,6 +123,8 @@ def test_timeline_on_loopback_ranks(tmp_path, capsys):
     assert cli.main(["timeline", path, "--steps", "1:2"]) == 0
     table = capsys.readouterr().out
     assert "training steps 1-2" in table and "compute" in table
+    assert cli.main(["timeline", path, "--steps", "4"]) == 2  # the trace has steps 0..3
+    assert "training steps 0..3" in capsys.readouterr().err
     start, end, *_ = gantt.window(trace, 1, 2)
     for rank, share in gantt.shares(trace, start, end).items():
         assert sum(share.values()) == pytest.approx(1.0) and share["forward"] + share["fused"] > 0, rank
