@@ -173,21 +173,7 @@ def test_keras_hub_task_nested_in_a_model():
 
 
 def test_keras_hub_backbone_nested_with_a_head():
-    import keras_hub
-
-    keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=30,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=8,
-        intermediate_dim=16,
-        max_sequence_length=8,
-    )
-    names = ("token_ids", "segment_ids", "padding_mask")
-    inputs = {name: keras.Input((8,), dtype="int32", name=name) for name in names}
-    out = backbone(inputs)
-    model = keras.Model(list(inputs.values()), keras.layers.Dense(3)(out["pooled_output"]))
+    model = zoo.bert_with_head()
     ids, mask = zoo.padded_tokens(model, 4)
     assert len(ModelGraph(model)) > 10  # the backbone's layers are planned one by one
     check_transparent(model, all_parts(model), xs=[ids, np.zeros_like(ids), mask])

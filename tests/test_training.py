@@ -57,23 +57,8 @@ def test_keras_hub_causal_lm_ties_its_token_embedding():
 
 
 def test_keras_hub_backbone_nested_with_a_head():
-    import keras_hub
-
     def build():
-        keras.utils.set_random_seed(0)
-        backbone = keras_hub.models.BertBackbone(
-            vocabulary_size=30,
-            num_layers=2,
-            num_heads=2,
-            hidden_dim=8,
-            intermediate_dim=16,
-            max_sequence_length=8,
-            dropout=0.0,
-        )
-        names = ("token_ids", "segment_ids", "padding_mask")
-        inputs = {name: keras.Input((8,), dtype="int32", name=name) for name in names}
-        out = backbone(inputs)
-        return compiled(keras.Model(list(inputs.values()), keras.layers.Dense(3)(out["pooled_output"])))
+        return compiled(zoo.bert_with_head(dropout=0.0))
 
     (ids, mask), y = tokens(build())
     check(train_like_keras(build, [ids, np.zeros_like(ids), mask], y, 4))

@@ -207,6 +207,26 @@ def hub_causal_lm(seed=0, length=8, vocab=30):
     return keras.Model([ids, pad], lm({"token_ids": ids, "padding_mask": pad}), name="hub_causal_lm")
 
 
+def bert_with_head(seed=0, dropout=0.1):
+    """A tiny keras_hub BertBackbone (random weights) nested under a Dense head."""
+    import keras_hub
+
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=30,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=8,
+        dropout=dropout,
+    )
+    names = ("token_ids", "segment_ids", "padding_mask")
+    inputs = {name: keras.Input((8,), dtype="int32", name=name) for name in names}
+    out = backbone(inputs)
+    return keras.Model(list(inputs.values()), layers.Dense(3)(out["pooled_output"]))
+
+
 def padded_tokens(model, n: int, seed: int = 0) -> list[np.ndarray]:
     """Token ids padded with zeros after a random length, and a padding mask when the model
     takes one (its second input)."""
