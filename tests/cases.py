@@ -26,6 +26,10 @@ CASES: dict[str, tuple] = {
     "nested P4 M2": ("nested", 4, 2, "1f1b", "sgd", 48, 16, False, 1),
     "sequential P2 R2 M2 adam": ("sequential", 2, 2, "1f1b", "adam", 48, 16, False, 1),
     "int_boundary P4 M2": ("int_boundary", 4, 2, "1f1b", "sgd", 48, 16, False, 1),
+    "ops_graph P2 R2 M2": ("ops_graph", 2, 2, "1f1b", "sgd", 48, 16, False, 1),
+    # a language model whose per-token logits reuse its input embedding: tied across stages
+    "tied_lm P4 M1": ("tied_lm", 4, 1, "1f1b", "sgd", 32, 16, False, 1),
+    "tied_lm P2 R2 M2": ("tied_lm", 2, 2, "1f1b", "sgd", 32, 16, False, 1),
     # 50 samples, batch 18: 18 and 14 do not divide by 2 replicas x 4 micro-batches
     "uneven P2 R2 M4 adam": ("mlp", 2, 4, "1f1b", "adam", 50, 18, False, 1),
     "history P2 R2 M2 two epochs": ("mlp", 2, 2, "1f1b", "adam", 48, 16, False, 2),
@@ -33,7 +37,7 @@ CASES: dict[str, tuple] = {
 
 
 def compiled(name: str, optimizer: str):
-    model = zoo.ZOO[name]()
+    model = getattr(zoo, name)()
     n_out = len(model.outputs)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model.compile(
@@ -47,7 +51,7 @@ def compiled(name: str, optimizer: str):
 
 def data(key: str):
     name, _, _, _, optimizer, n, batch, weights, epochs = CASES[key]
-    model = zoo.ZOO[name]()
+    model = getattr(zoo, name)()
     xs, ys = zoo.sample_inputs(model, n), zoo.sample_targets(model, n)
     sw = np.random.default_rng(5).uniform(0.2, 2.0, n).astype("float32") if weights else None
     return (xs if len(xs) > 1 else xs[0]), (ys if len(ys) > 1 else ys[0]), sw

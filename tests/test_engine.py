@@ -2,27 +2,11 @@
 
 from __future__ import annotations
 
+import cases
 import pytest
 from conftest import run_script
 
-CASES = [
-    "mlp P4 M1 1f1b sgd",
-    "mlp P2 R2 M2 gpipe adam",
-    "mlp P1 R4 adam",
-    "mlp P4 M4 1f1b adam",
-    "resnet_bn P4 M1 sgd",
-    "resnet_bn P4 M1 gpipe adam",
-    "densenet P2 R2 M2 adam",
-    "multi_io P4 M4 sample weights adam",
-    "multi_io P2 R2 M2 gpipe",
-    "multi_io P1 R4 M2 sgd",
-    "shared P2 R2 M2 adam",
-    "nested P4 M2",
-    "sequential P2 R2 M2 adam",
-    "int_boundary P4 M2",
-    "uneven P2 R2 M4 adam",
-    "history P2 R2 M2 two epochs",
-]
+CASES = list(cases.CASES)  # the same cases run in one process by tests/test_loopback.py
 
 
 @pytest.fixture(scope="module")

@@ -252,6 +252,7 @@ def sample_inputs(model, n: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def sample_targets(model, n: int, seed: int = 1) -> list[np.ndarray]:
-    """Integer class labels for each output (the zoo's outputs are logits)."""
+    """Integer class labels for each output (the zoo's outputs are logits): one per sample,
+    or one per token for sequence logits."""
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, int(t.shape[-1]), n) for t in model.outputs]
+    return [rng.integers(0, int(t.shape[-1]), (n,) + tuple(t.shape[1:-1])) for t in model.outputs]
