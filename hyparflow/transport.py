@@ -33,8 +33,9 @@ STALL_WARN_S = float(os.environ.get("HYPARFLOW_STALL_WARN", "300"))
 STALL_ABORT_S = float(os.environ.get("HYPARFLOW_STALL_ABORT", "0"))
 # Seconds the ranks of a job may arrive apart at the start of a session.
 START_TIMEOUT_S = float(os.environ.get("HYPARFLOW_START_TIMEOUT", "30"))
-# World tag of start-up and exit notices: "arrived" (1), "exiting" (0).
+# World tag of start-up and exit notices, and their values.
 CONTROL_TAG = 30_001
+EXITING, GO, HERE = 0, 1, 2
 STAGE_STATE_TAG = 30_100  # + stage: a stage's variables sent to rank 0
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX}
 
@@ -160,48 +161,48 @@ class Transport:
 
     # ---- start-up and shutdown -------------------------------------------------------
     def rendezvous(self, what: str, timeout: float = START_TIMEOUT_S) -> None:
-        """Wait until every rank reached `what`, at most `timeout` seconds; past that, or as
-        soon as a rank announces it is exiting instead, abort naming the missing ranks."""
+        """Wait until every rank reached `what`. Rank 0 announces its own arrival at once,
+        then waits at most `timeout` seconds for the others and names those missing; the
+        others wait `timeout` for rank 0's arrival and, once it is there, for its verdict
+        (so a missing rank is named by rank 0, not blamed on it). A rank that announces it is
+        exiting instead ends the job at once, by name."""
         if self.size == 1:
             return
         deadline = time.monotonic() + timeout
-        mine = np.ones(1, np.int64)
+        hint = "(HYPARFLOW_START_TIMEOUT); every rank must make the same hyparflow calls."
         if self.rank == 0:
+            here = [self.world.Isend(np.full(1, HERE, np.int64), dest=r, tag=CONTROL_TAG) for r in range(1, self.size)]
             notes = {r: np.zeros(1, np.int64) for r in range(1, self.size)}
             pending = {r: self.world.Irecv(notes[r], source=r, tag=CONTROL_TAG) for r in notes}
             while pending:
                 for r in [r for r, req in pending.items() if req.Test()]:
                     del pending[r]
-                    if notes[r][0] == 0:
+                    if notes[r][0] == EXITING:
                         self.abort(f"rank {r} ended its script without reaching {what}, which the other ranks reached.")
                 if pending and time.monotonic() > deadline:
-                    missing = sorted(pending)
-                    self.abort(
-                        f"ranks {missing} did not reach {what} within {timeout:.0f} s of rank 0 "
-                        "(HYPARFLOW_START_TIMEOUT); every rank must make the same hyparflow calls."
-                    )
+                    self.abort(f"ranks {sorted(pending)} did not reach {what} within {timeout:.0f} s of rank 0 {hint}")
                 time.sleep(0.002)
-            go = [self.world.Isend(mine, dest=r, tag=CONTROL_TAG) for r in range(1, self.size)]
-            self.wait(go, f"start of {what}")
+            go = [self.world.Isend(np.full(1, GO, np.int64), dest=r, tag=CONTROL_TAG) for r in range(1, self.size)]
+            self.wait(here + go, f"start of {what}")
             return
-        self.world.Isend(mine, dest=0, tag=CONTROL_TAG).Wait()
+        self.world.Isend(np.full(1, GO, np.int64), dest=0, tag=CONTROL_TAG).Wait()
         note = np.zeros(1, np.int64)
-        req = self.world.Irecv(note, source=0, tag=CONTROL_TAG)
-        while not req.Test():
-            if time.monotonic() > deadline:
-                self.abort(
-                    f"rank 0 did not reach {what} within {timeout:.0f} s of rank {self.rank} "
-                    "(HYPARFLOW_START_TIMEOUT); every rank must make the same hyparflow calls."
-                )
-            time.sleep(0.002)
-        if note[0] == 0:
-            self.abort(f"rank 0 ended its script without reaching {what}, which rank {self.rank} reached.")
+        for expected in (HERE, GO):
+            req = self.world.Irecv(note, source=0, tag=CONTROL_TAG)
+            while not req.Test():
+                if time.monotonic() > deadline:
+                    self.abort(f"rank 0 did not reach {what} within {timeout:.0f} s of rank {self.rank} {hint}")
+                time.sleep(0.002)
+            if note[0] == EXITING:
+                self.abort(f"rank 0 ended its script without reaching {what}, which rank {self.rank} reached.")
+            # Rank 0 is here: it names any missing rank after `timeout`; wait a little longer.
+            deadline = time.monotonic() + timeout + 30.0 if expected == HERE else deadline
 
     def announce_exit(self) -> None:
         """Tell the ranks that may be waiting in a rendezvous that this rank is ending."""
         if self.size == 1 or not self.is_mpi or MPI.Is_finalized():
             return
-        note = np.zeros(1, np.int64)
+        note = np.full(1, EXITING, np.int64)
         peers = range(1, self.size) if self.rank == 0 else [0]
         requests = [self.world.Isend(note, dest=r, tag=CONTROL_TAG) for r in peers]
         deadline = time.monotonic() + 0.5  # small messages complete at once; never hang an exit
