@@ -64,6 +64,7 @@ def _settings(args) -> dict[str, str]:
         "num_replicas": "replicas",
         "num_microbatches": "microbatches",
         "schedule": "schedule",
+        "recompute": "recompute",
     }
     values = {LAYOUT_ENV[key][0]: getattr(args, flag, None) for key, flag in flags.items()}
     return {var: str(value) for var, value in values.items() if value is not None}
@@ -144,6 +145,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--replicas", type=int)
     r.add_argument("--microbatches", type=int)
     r.add_argument("--schedule", choices=("1f1b", "gpipe"))
+    r.add_argument(
+        "--recompute", action="store_true", default=None, help="recompute each stage's forward in its backward"
+    )
     r.add_argument("--bind", action="store_true", help="bind each rank to its share of cores")
     r.add_argument("--dry-run", action="store_true", help="print the launch command and exit")
     r.add_argument("--launcher-args", nargs="*", help="extra arguments for mpirun/srun")

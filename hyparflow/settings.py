@@ -8,6 +8,7 @@ A layout keyword left as None comes from its HYPARFLOW_* environment variable (w
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,12 +16,22 @@ from hyparflow.errors import ConfigError
 from hyparflow.placement import check_grid
 from hyparflow.schedule import check_schedule
 
-# Layout keyword -> (environment variable, default, type): `hyparflow run` flags use the same names.
-LAYOUT_ENV: dict[str, tuple[str, Any, type]] = {
+
+def boolean(raw: str) -> bool:
+    """An environment variable's on/off value: 1/0, true/false, yes/no, on/off."""
+    value = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+    if raw.strip().lower() not in value:
+        raise ValueError(raw)
+    return value[raw.strip().lower()]
+
+
+# Layout keyword -> (environment variable, default, parser): `hyparflow run` flags use the same names.
+LAYOUT_ENV: dict[str, tuple[str, Any, Callable[[str], Any]]] = {
     "num_partitions": ("HYPARFLOW_PARTITIONS", 1, int),
     "num_replicas": ("HYPARFLOW_REPLICAS", None, int),
     "num_microbatches": ("HYPARFLOW_MICROBATCHES", 1, int),
     "schedule": ("HYPARFLOW_SCHEDULE", "1f1b", str),
+    "recompute": ("HYPARFLOW_RECOMPUTE", False, boolean),
 }
 
 
@@ -32,6 +43,14 @@ def positive_int(name: str, value: Any, minimum: int = 1, what: str = "") -> int
         kind = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
         raise ConfigError(f"{name} must be {kind}{what}, got {value!r}.")
     return int(value)
+
+
+def switch(name: str, value: bool | None) -> bool:
+    """An on/off keyword: `value`, else its environment variable, else its default."""
+    value = from_env(name, value)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r}.")
+    return value
 
 
 def from_env(name: str, value: Any) -> Any:

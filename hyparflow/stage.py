@@ -5,7 +5,14 @@ A stage declares what it receives (`recv`, from `src[t]`) and sends (`send_ids`,
 `dests[t]`); it never communicates itself: the executor feeds it and ships its results.
 A stage that sends no float tensor needs no gradient from later stages, so its forward
 and backward run fused in one function; others keep the forward's tape until the
-backward's output gradients arrive.
+backward's output gradients arrive, or, with `recompute`, keep only the forward's inputs
+and run the forward again under a tape in the backward (activation checkpointing, as
+torchgpipe and DeepSpeed do): memory for time.
+
+A recomputed forward must draw what the original drew, so the stage's non-trainable
+state (seed generators, BatchNorm statistics) is put back to where it stood before the
+original forward, and afterwards back to where the later forwards left it; metrics are
+updated by the original forward only.
 """
 
 from __future__ import annotations
@@ -31,6 +38,14 @@ class MicroBatch:
     inputs: list[np.ndarray]  # the stage's model inputs, in stage.data_inputs order
     targets: list[np.ndarray]  # for the stage's model outputs, in stage.model_outputs order
     weights: list[np.ndarray | None]  # sample weights, likewise (None: unweighted)
+
+
+@dataclass
+class _Inputs:
+    """The stash of a forward to be recomputed: its arguments and the state it started from."""
+
+    args: tuple
+    state: list[Any]
 
 
 @dataclass
@@ -60,7 +75,7 @@ def _optimizer_for(optimizer, model, variables):
 class StageCompute:
     """The compiled pieces of stage `index` of `plan` (see the module docstring)."""
 
-    def __init__(self, plan: Plan, index: int, objective: Objective, optimizer):
+    def __init__(self, plan: Plan, index: int, objective: Objective, optimizer, recompute: bool = False):
         self.plan, self.objective = plan, objective
         self.stage = st = plan.stages[index]
         tensors = plan.graph.tensors
@@ -73,10 +88,13 @@ class StageCompute:
         self.optimizer = _optimizer_for(optimizer, plan.graph.model, self.variables)
         self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         self.fused = not self.send_float
+        self.recompute = recompute  # meaningless for a fused stage: its backward follows its forward at once
+        trainable = {id(v) for v in self.variables}
+        self.state = [v for v in st.variables if id(v) not in trainable]  # what a training forward may change
         self.acc = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in self.variables]
         self._build()
 
-    def _run(self, recv_vals, data_vals, ys, sws, divisors, reg_scale, training: bool):
+    def _run(self, recv_vals, data_vals, ys, sws, divisors, reg_scale, training: bool, metrics: bool = True):
         st, obj = self.stage, self.objective
         feeds = dict(zip(st.recv, recv_vals))
         feeds.update(zip(st.data_inputs, data_vals))  # model input position i is tensor index i
@@ -86,24 +104,61 @@ class StageCompute:
         # reg_scale[0]: weight regularizers, once per step; reg_scale[1]: this micro-batch's
         # share of the global batch, for per-sample-mean losses added in call()
         reg = obj.regularization(st.weight_losses) * reg_scale[0] + obj.regularization(st.call_losses) * reg_scale[1]
-        obj.update_metrics(st.model_outputs, ys, preds, sws)
+        if metrics:
+            obj.update_metrics(st.model_outputs, ys, preds, sws)
         return [out[t] for t in self.send_ids], loss + reg, per_output, preds
 
-    def _train_forward(self, *args):
+    def _train_forward(self, *args, metrics: bool = True):
         """Also returns the loss to differentiate, scaled as the optimizer asks
         (LossScaleOptimizer under mixed_float16), so every stage's gradients scale alike."""
-        sends, loss, per_output, _ = self._run(*args, training=True)
+        sends, loss, per_output, _ = self._run(*args, training=True, metrics=metrics)
         scaled = self.optimizer.scale_loss(loss) if hasattr(self.optimizer, "scale_loss") else loss
         return sends, loss, scaled, per_output
 
-    def _fused(self, recv_vals, *rest):
+    def _taped_forward(self, recv_vals, rest, metrics: bool = True):
+        """The training forward under a tape that watches the float inputs:
+        (tape, float inputs, sends, loss, scaled loss, per-output losses)."""
         float_in = [v for t, v in zip(self.stage.recv, recv_vals) if t in self.recv_float]
         with tf.GradientTape() as tape:
             tape.watch(float_in)
-            sends, loss, scaled, per_output = self._train_forward(recv_vals, *rest)
-        grads = tape.gradient(scaled, self.variables + float_in, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            sends, loss, scaled, per_output = self._train_forward(recv_vals, *rest, metrics=metrics)
+        return tape, float_in, sends, loss, scaled, per_output
+
+    def _gradients(self, tape, float_in, scaled, sends, out_grads) -> list[Any]:
+        """Gradients of the variables, then of the float inputs, given the float sends' gradients."""
+        float_out = [s for t, s in zip(self.send_ids, sends) if t in self.send_float]
+        return tape.gradient(
+            [scaled] + float_out,
+            self.variables + float_in,
+            output_gradients=[tf.ones_like(scaled)] + list(out_grads),
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+
+    def _fused(self, recv_vals, *rest):
+        tape, float_in, sends, loss, scaled, per_output = self._taped_forward(recv_vals, rest)
+        grads = self._gradients(tape, float_in, scaled, [], [])
         self._accumulate_now(grads[: len(self.variables)])
         return sends, grads[len(self.variables) :], loss, per_output
+
+    def _forward_from(self, *args):
+        """The training forward, untaped, and the state it started from (for `_recomputed`)."""
+        before = [tf.identity(v) for v in self.state]
+        sends, loss, _, per_output = self._train_forward(*args)
+        return sends, loss, per_output, before
+
+    def _recomputed(self, recv_vals, data_vals, ys, sws, divisors, reg_scale, before, out_grads):
+        """Run the forward again from state `before`, differentiate and accumulate; leave
+        the state as it was found. Returns the float inputs' gradients."""
+        now = [tf.identity(v) for v in self.state]
+        for v, value in zip(self.state, before):
+            v.assign(value)
+        rest = (data_vals, ys, sws, divisors, reg_scale)
+        tape, float_in, sends, _, scaled, _ = self._taped_forward(recv_vals, rest, metrics=False)
+        grads = self._gradients(tape, float_in, scaled, sends, out_grads)
+        for v, value in zip(self.state, now):
+            v.assign(value)
+        self._accumulate_now(grads[: len(self.variables)])
+        return grads[len(self.variables) :]
 
     def _accumulate_now(self, grads) -> None:
         for a, g in zip(self.acc, grads):
@@ -122,6 +177,8 @@ class StageCompute:
     def _build(self) -> None:
         self.train_forward = tf.function(self._train_forward)
         self.forward_backward = tf.function(self._fused)
+        self.forward_from = tf.function(self._forward_from)
+        self.recomputed = tf.function(self._recomputed)
         self.accumulate = tf.function(self._accumulate_now)
         self.flat_grads = tf.function(
             lambda: tf.concat([tf.reshape(tf.cast(a, tf.float32), [-1]) for a in self.acc], 0)
@@ -141,23 +198,22 @@ class StageCompute:
         return [out[t] for t in self.send_ids], [out[t] for t in st.output_tensors]
 
     def forward(self, args, divisors, reg_scale):
-        """Training forward under a tape kept for `backward`: (sends, loss, per-output, stash)."""
+        """Training forward: (sends, loss, per-output, stash for `backward`). The stash is
+        the forward's tape, or with `recompute` its inputs and starting state."""
+        if self.recompute:
+            sends, loss, per_output, before = self.forward_from(*args, divisors, reg_scale)
+            return sends, loss, per_output, _Inputs((*args, divisors, reg_scale), before)
         tape = tf.GradientTape()
         with tape:
             float_in = [v for t, v in zip(self.stage.recv, args[0]) if t in self.recv_float]
             tape.watch(float_in)
             sends, loss, scaled, per_output = self.train_forward(*args, divisors, reg_scale)
-        float_out = [s for t, s in zip(self.send_ids, sends) if t in self.send_float]
-        return sends, loss, per_output, (tape, float_in, scaled, float_out)
+        return sends, loss, per_output, (tape, float_in, scaled, sends)
 
     def backward(self, stash, out_grads) -> list[Any]:
         """Accumulate the variables' gradients; returns the float inputs' gradients."""
-        tape, float_in, loss, float_out = stash
-        grads = tape.gradient(
-            [loss] + float_out,
-            self.variables + float_in,
-            output_gradients=[tf.ones_like(loss)] + out_grads,
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        )
+        if isinstance(stash, _Inputs):
+            return self.recomputed(*stash.args, stash.state, out_grads)
+        grads = self._gradients(*stash, out_grads)
         self.accumulate(grads[: len(self.variables)])
         return grads[len(self.variables) :]

@@ -22,7 +22,7 @@ from hyparflow.errors import ConfigError
 from hyparflow.failures import distributed, phase
 from hyparflow.graph import np_dtype
 from hyparflow.session import Session, open_session
-from hyparflow.settings import positive_int
+from hyparflow.settings import positive_int, switch
 
 Balance = str | Sequence[int] | Sequence[str] | None
 _STEPS = {
@@ -95,6 +95,7 @@ def fit(
     num_replicas: int | None = None,
     num_microbatches: int | None = None,
     schedule: str | None = None,
+    recompute: bool | None = None,
     balance: Balance = None,
     memory_limit: float | None = None,
     placement_policy: str = "pipeline",
@@ -113,6 +114,12 @@ def fit(
     world size / num_partitions). Layout settings left as None come from
     HYPARFLOW_PARTITIONS / _REPLICAS / _MICROBATCHES / _SCHEDULE (what `hyparflow run`
     passes), else 1 partition, 1 micro-batch, 1F1B.
+
+    `recompute=True` (or HYPARFLOW_RECOMPUTE=1) keeps only each stage's inputs between a
+    micro-batch's forward and its backward, which runs the forward again: activation
+    memory of the stages that wait for gradients drops to their boundary tensors, at the
+    cost of a second forward; results are unchanged (dropout masks and BatchNorm statistics
+    included).
 
     `batch_size` is the global batch. Each replica's share is cut into
     `num_microbatches` micro-batches; batches that do not divide evenly are split as
@@ -142,6 +149,7 @@ def fit(
         _steps("validation_steps", validation_steps),
     )
     layout = _layout(num_partitions, num_replicas, num_microbatches, schedule, placement_policy)
+    recompute = switch("recompute", recompute)
     session = open_session(model, comm, layout, balance, memory_limit, announce=True)
     graph, transport = session.plan.graph, session.transport
     train = inputs.source(graph, x, y, sample_weight, class_weight, batch_size, True, shuffle, seed, steps_per_epoch)
@@ -157,6 +165,7 @@ def fit(
         validation_steps,
     )
     session.start(train.first)
+    session.compute.recompute = recompute
     settings = (
         batch_size,
         epochs,

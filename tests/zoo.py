@@ -37,6 +37,19 @@ def resnet_bn(seed=0):
     return keras.Model(inp, layers.Dense(4, name="out")(x), name="resnet_bn")
 
 
+def dropout_bn(seed=0):
+    """Dropout and BatchNormalization on every stage: a recomputed forward must draw the
+    same masks and must not move the statistics twice."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((12,), name="x")
+    x = inp
+    for _ in range(4):
+        x = layers.Dense(16, activation="relu")(x)
+        x = layers.BatchNormalization(momentum=0.5)(x)
+        x = layers.Dropout(0.3)(x)
+    return keras.Model(inp, layers.Dense(4, name="out")(x), name="dropout_bn")
+
+
 def densenet(seed=0):
     keras.utils.set_random_seed(seed)
     inp = keras.Input((6, 6, 4), name="x")
