@@ -33,7 +33,12 @@ CASES: dict[str, tuple] = {
     # 50 samples, batch 18: 18 and 14 do not divide by 2 replicas x 4 micro-batches
     "uneven P2 R2 M4 adam": ("mlp", 2, 4, "1f1b", "adam", 50, 18, False, 1),
     "history P2 R2 M2 two epochs": ("mlp", 2, 2, "1f1b", "adam", 48, 16, False, 2),
+    # activation recomputation: BatchNorm stages; an early head with regularizers and sample weights
+    "recompute resnet_bn P4 M1 adam": ("resnet_bn", 4, 1, "1f1b", "adam", 48, 16, False, 1),
+    "recompute multi_io P2 R2 M2 gpipe": ("multi_io", 2, 2, "gpipe", "sgd", 48, 16, True, 1),
 }
+# Further hf.fit keywords of some cases.
+FIT_KW: dict[str, dict] = {key: {"recompute": True} for key in CASES if key.startswith("recompute ")}
 
 
 def compiled(name: str, optimizer: str):
@@ -75,6 +80,7 @@ def fit(model, key: str, comm=None):
         sample_weight=sw,
         balance="flops",
         comm=comm,
+        **FIT_KW.get(key, {}),
     )
 
 
