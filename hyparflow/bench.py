@@ -188,6 +188,7 @@ def worker_hyparflow(args) -> dict:
             num_partitions=args.P,
             num_microbatches=args.M,
             schedule=args.schedule,
+            recompute=args.recompute,
             balance=args.balance,
             **kw,
         )
@@ -294,6 +295,7 @@ def _worker_main(argv: list[str]) -> int:
     p.add_argument("--P", type=int, default=1)
     p.add_argument("--M", type=int, default=1)
     p.add_argument("--schedule", default="1f1b")
+    p.add_argument("--recompute", action="store_true")
     p.add_argument("--sizes", type=float, nargs="*", default=[1, 4, 16, 64])
     args = p.parse_args(argv)
     result = WORKERS[args.kind](args)
@@ -319,7 +321,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
-    p.add_argument("--configs", default="1x1x1,1x2x1,2x1x8", help="hyparflow grids PxRxM[:schedule], comma-separated")
+    p.add_argument(
+        "--configs", default="1x1x1,1x2x1,2x1x8", help="hyparflow grids PxRxM[:schedule][:recompute], comma-separated"
+    )
     p.add_argument("--dp-ranks", type=int, default=2, help="ranks of the data-parallel baseline")
     p.add_argument("--repeats", type=int, default=2, help="alternating rounds over all variants")
     p.add_argument(
@@ -337,20 +341,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _parse_configs(text: str) -> list[dict]:
     out = []
     for item in filter(None, text.split(",")):
-        grid, _, schedule = item.partition(":")
+        grid, *options = item.split(":")
+        recompute = "recompute" in options
+        schedules = [o for o in options if o != "recompute"]
         try:
             P, R, M = (int(v) for v in grid.lower().split("x"))
+            (schedule,) = schedules or ["1f1b"]
         except ValueError:
-            raise ConfigError(f"--configs item {item!r}: expected PxRxM, e.g. 2x1x8 or 2x1x8:gpipe") from None
-        out.append(
-            {
-                "name": f"hyparflow P={P} R={R} M={M} {schedule or '1f1b'}",
-                "P": P,
-                "R": R,
-                "M": M,
-                "schedule": schedule or "1f1b",
-            }
-        )
+            raise ConfigError(
+                f"--configs item {item!r}: expected PxRxM[:schedule][:recompute], e.g. 2x1x8 or 2x1x8:gpipe:recompute"
+            ) from None
+        name = f"hyparflow P={P} R={R} M={M} {schedule}" + (" recompute" if recompute else "")
+        out.append({"name": name, "P": P, "R": R, "M": M, "schedule": schedule, "recompute": recompute})
     return out
 
 
@@ -373,7 +375,7 @@ def main(args) -> int:
         {"name": f"data-parallel baseline ({args.dp_ranks} ranks)", "kind": "dp", "np": args.dp_ranks, "extra": []}
     )
     for c in _parse_configs(args.configs):
-        extra = ["--P", str(c["P"]), "--M", str(c["M"]), "--schedule", c["schedule"]]
+        extra = ["--P", str(c["P"]), "--M", str(c["M"]), "--schedule", c["schedule"]] + ["--recompute"] * c["recompute"]
         variants.append({"name": c["name"], "kind": "hyparflow", "np": c["P"] * c["R"], "extra": extra, **c})
     runs: dict[str, list[dict]] = {v["name"]: [] for v in variants}
     for round_ in range(args.repeats):  # alternate variants so drift hits all alike

@@ -94,7 +94,7 @@ class StageCompute:
         self.acc = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in self.variables]
         self._build()
 
-    def _run(self, recv_vals, data_vals, ys, sws, divisors, reg_scale, training: bool, metrics: bool = True):
+    def _run(self, recv_vals, data_vals, ys, sws, divisors, reg_scale, training: bool, *, metrics: bool = True):
         st, obj = self.stage, self.objective
         feeds = dict(zip(st.recv, recv_vals))
         feeds.update(zip(st.data_inputs, data_vals))  # model input position i is tensor index i
@@ -108,10 +108,12 @@ class StageCompute:
             obj.update_metrics(st.model_outputs, ys, preds, sws)
         return [out[t] for t in self.send_ids], loss + reg, per_output, preds
 
-    def _train_forward(self, *args, metrics: bool = True):
+    def _train_forward(self, recv_vals, data_vals, ys, sws, divisors, reg_scale, *, metrics: bool = True):
         """Also returns the loss to differentiate, scaled as the optimizer asks
         (LossScaleOptimizer under mixed_float16), so every stage's gradients scale alike."""
-        sends, loss, per_output, _ = self._run(*args, training=True, metrics=metrics)
+        sends, loss, per_output, _ = self._run(
+            recv_vals, data_vals, ys, sws, divisors, reg_scale, training=True, metrics=metrics
+        )
         scaled = self.optimizer.scale_loss(loss) if hasattr(self.optimizer, "scale_loss") else loss
         return sends, loss, scaled, per_output
 
@@ -214,6 +216,7 @@ class StageCompute:
         """Accumulate the variables' gradients; returns the float inputs' gradients."""
         if isinstance(stash, _Inputs):
             return self.recomputed(*stash.args, stash.state, out_grads)
-        grads = self._gradients(*stash, out_grads)
+        tape, float_in, scaled, sends = stash
+        grads = self._gradients(tape, float_in, scaled, sends, out_grads)
         self.accumulate(grads[: len(self.variables)])
         return grads[len(self.variables) :]
