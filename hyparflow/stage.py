@@ -75,7 +75,7 @@ def _optimizer_for(optimizer, model, variables):
 class StageCompute:
     """The compiled pieces of stage `index` of `plan` (see the module docstring)."""
 
-    def __init__(self, plan: Plan, index: int, objective: Objective, optimizer, recompute: bool = False):
+    def __init__(self, plan: Plan, index: int, objective: Objective, optimizer):
         self.plan, self.objective = plan, objective
         self.stage = st = plan.stages[index]
         tensors = plan.graph.tensors
@@ -88,7 +88,8 @@ class StageCompute:
         self.optimizer = _optimizer_for(optimizer, plan.graph.model, self.variables)
         self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         self.fused = not self.send_float
-        self.recompute = recompute  # meaningless for a fused stage: its backward follows its forward at once
+        # Set by each fit call; meaningless for a fused stage: its backward follows its forward at once.
+        self.recompute = False
         trainable = {id(v) for v in self.variables}
         self.state = [v for v in st.variables if id(v) not in trainable]  # what a training forward may change
         self.acc = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in self.variables]
