@@ -12,10 +12,13 @@ from typing import Any
 
 import numpy as np
 
+from hyparflow import memory
 from hyparflow.errors import ConfigError
 from hyparflow.graph import np_dtype
 from hyparflow.partition import Plan
 from hyparflow.transport import STAGE_STATE_TAG, Transport
+
+CHUNK_BYTES = 16 << 20  # the most a weight transfer packs at once (unless one variable is larger)
 
 
 def nbytes(variables: Sequence[Any]) -> int:
@@ -30,22 +33,51 @@ def pack(variables: Sequence[Any]) -> np.ndarray:
 
 
 def unpack(buffer: np.ndarray, variables: Sequence[Any]) -> None:
+    """Assign the values `pack` put in `buffer` (re-creating released variables)."""
     offset = 0
     for v in variables:
         dt = np_dtype(v.dtype)
         n = int(np.prod(v.shape)) * dt.itemsize
-        v.assign(buffer[offset : offset + n].view(dt).reshape(v.shape))
+        memory.set_value(v, buffer[offset : offset + n].view(dt).reshape(v.shape))
         offset += n
+
+
+def chunks(variables: Sequence[Any], limit: int = CHUNK_BYTES) -> list[list[Any]]:
+    """Consecutive runs of `variables` of at most `limit` bytes (a larger variable alone),
+    so that moving them never packs more than that, or one variable, at once."""
+    out: list[list[Any]] = []
+    size = limit
+    for v in variables:
+        n = nbytes([v])
+        if size + n > limit:
+            out.append([])
+            size = 0
+        out[-1].append(v)
+        size += n
+    return out
 
 
 def broadcast_variables(transport: Transport, variables: Sequence[Any], root: int = 0) -> None:
     """Make `variables` on every rank equal to those on world rank `root` (one broadcast)."""
     if transport.size == 1:
         return
-    buf = pack(variables) if transport.rank == root else np.empty(nbytes(variables), np.uint8)
-    transport.bcast_array(buf, root, "weight broadcast")
-    if transport.rank != root:
-        unpack(buf, variables)
+    for part in chunks(variables):
+        buf = pack(part) if transport.rank == root else np.empty(nbytes(part), np.uint8)
+        transport.bcast_array(buf, root, "weight broadcast")
+        if transport.rank != root:
+            unpack(buf, part)
+
+
+def _send(transport: Transport, variables: Sequence[Any], dest: int, tag: int, what: str) -> None:
+    for part in chunks(variables):
+        transport.send_array(pack(part), dest, tag, what)
+
+
+def _recv(transport: Transport, variables: Sequence[Any], source: int, tag: int, what: str) -> None:
+    for part in chunks(variables):
+        buf = np.empty(nbytes(part), np.uint8)
+        transport.recv_array(buf, source, tag, what)
+        unpack(buf, part)
 
 
 def gather_stages(plan: Plan, transport: Transport, to_all: bool = False) -> None:
@@ -58,11 +90,33 @@ def gather_stages(plan: Plan, transport: Transport, to_all: bool = False) -> Non
         if to_all:
             broadcast_variables(transport, variables, root)
         elif root != 0 and me == root:
-            transport.send_array(pack(variables), 0, STAGE_STATE_TAG + s, f"stage {s} weights to rank 0")
+            _send(transport, variables, 0, STAGE_STATE_TAG + s, f"stage {s} weights to rank 0")
         elif root != 0 and me == 0:
-            buf = np.empty(nbytes(variables), np.uint8)
-            transport.recv_array(buf, root, STAGE_STATE_TAG + s, f"stage {s} weights")
-            unpack(buf, variables)
+            _recv(transport, variables, root, STAGE_STATE_TAG + s, f"stage {s} weights")
+
+
+def scatter_stages(plan: Plan, transport: Transport, release_root: bool, hint: str) -> None:
+    """Give every rank its stage's variables from world rank 0, a chunk at a time, and
+    release the variables of other stages on every rank but rank 0 (on rank 0 too with
+    `release_root`): no rank ever holds the whole model twice. Variables outside every
+    stage's layers are broadcast to all."""
+    grid, me = transport.grid, transport.rank
+    assert grid is not None, "scatter_stages needs the session's grid"
+    mine = plan.stages[grid.stage].variables
+    where = f"rank {me} (stage {grid.stage})"
+    if me != 0:
+        memory.release_other_stages(plan.graph.model, mine, where, hint)
+    staged = {id(v) for st in plan.stages for v in st.variables}
+    broadcast_variables(transport, [v for v in plan.graph.model.variables if id(v) not in staged], 0)
+    for s, stage in enumerate(plan.stages):
+        holders = sorted({row[s] for row in grid.ranks} - {0})
+        if me == 0:
+            for dest in holders:
+                _send(transport, stage.variables, dest, STAGE_STATE_TAG + s, f"stage {s} weights from rank 0")
+        elif me in holders:
+            _recv(transport, stage.variables, 0, STAGE_STATE_TAG + s, f"stage {s} weights")
+    if me == 0 and release_root:
+        memory.release_other_stages(plan.graph.model, mine, where, hint)
 
 
 def atomic_write(path: str, write) -> None:

@@ -42,6 +42,9 @@ __all__ = [
     "squeeze_or_expand_to_same_rank",
     "unpack_x_y_sample_weight",
     "optimizer_variables_for",
+    "variable_storage",
+    "set_variable_storage",
+    "materialize",
 ]
 
 
@@ -147,6 +150,22 @@ def own_call_losses(layer) -> list[Any]:
 def optimizer_variables_for(optimizer) -> list[Any]:
     """The model variables a built optimizer was built for."""
     return list(optimizer._trainable_variables)
+
+
+def variable_storage(variable) -> Any:
+    """What backs a Keras variable's value (a tf.Variable on TensorFlow)."""
+    return variable._value
+
+
+def set_variable_storage(variable, storage) -> None:
+    """Replace what backs a Keras variable; the old backing memory is freed once unreferenced."""
+    variable._value = storage
+
+
+def materialize(variable, value) -> None:
+    """Back `variable` with a new tf.Variable holding `value` (as Keras creates one)."""
+    variable._value = None
+    variable._initialize(value)
 
 
 def loss_elements(loss, y_true, y_pred, sample_weight) -> tuple[Any, Any]:

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from hyparflow import keras_compat, placement
+from hyparflow import keras_compat, memory, placement
+from hyparflow.checkpoint import gather_stages
 from hyparflow.errors import ConfigError
 from hyparflow.executor import Executor
 from hyparflow.failures import phase, state
@@ -55,8 +56,11 @@ def open_session(
         state.where = session.grid.where()
         return session
     if cached is not None:
+        if cached[1].spread:  # a gather="none" fit left the weights on that layout's stages
+            gather_stages(cached[1].plan, cached[1].transport)
         cached[1].close()
         del _SESSIONS[model]
+    memory.restore_zeros(model)  # planning runs the model; the start-up broadcast fills these
     session = Session(model, layout, balance, memory_limit, world, announce)
     _SESSIONS[model] = (key, session)
     return session
@@ -98,6 +102,7 @@ class Session:
         self.objective: Objective | None = None
         self.with_targets = False
         self.timeline: Timeline | None = None  # recording `fit`'s timeline, when asked to
+        self.spread = False  # True after a gather="none" fit: each stage's weights only on its ranks
 
     @property
     def compute(self) -> StageCompute:

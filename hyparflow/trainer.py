@@ -17,7 +17,7 @@ import numpy as np
 from hyparflow import checkpoint, inputs, keras_compat, loop
 from hyparflow import timeline as timelines
 from hyparflow.callbacks import Callbacks
-from hyparflow.checkpoint import broadcast_variables, gather_stages
+from hyparflow.checkpoint import gather_stages
 from hyparflow.errors import ConfigError
 from hyparflow.failures import distributed, phase
 from hyparflow.graph import np_dtype
@@ -25,6 +25,13 @@ from hyparflow.session import Session, open_session
 from hyparflow.settings import positive_int
 
 Balance = str | Sequence[int] | Sequence[str] | None
+_HINTS = {
+    "rank0": "hyparflow gathers the trained model on rank 0 (gather='rank0'); read the weights there, or pass "
+    "gather='all' to hyparflow.fit to have every rank hold them.",
+    "all": "it is re-created when hyparflow.fit gathers the model to every rank (gather='all').",
+    "none": "hyparflow.fit(gather='none') left each stage's weights on its own ranks; hyparflow.save(model, path) "
+    "writes the whole model, and gather='rank0' or 'all' gathers it.",
+}
 _STEPS = {
     "fit": ("train_step", "compute_loss", "compute_metrics"),
     "evaluate": ("test_step", "compute_loss", "compute_metrics"),
@@ -43,6 +50,13 @@ def _check_model(model, call: str) -> None:
             "objective with compile(loss=..., loss_weights=..., metrics=...) and add_loss in layers, or use "
             f"model.{call}."
         )
+
+
+def _distribute(session: Session, release_root: bool, hint: str) -> None:
+    """Each rank takes its stage's weights from rank 0 and releases the others' (see
+    `checkpoint.scatter_stages`), unless a `gather="none"` fit left them in place."""
+    if not session.spread:
+        checkpoint.scatter_stages(session.plan, session.transport, release_root, hint)
 
 
 def _layout(num_partitions, num_replicas, num_microbatches, schedule=None, placement="pipeline") -> dict[str, Any]:
@@ -135,8 +149,8 @@ def fit(
     if batch_size is not None:
         batch_size = positive_int("batch_size", batch_size, what=" (the global batch)")
     epochs = positive_int("epochs", epochs, minimum=0)
-    if gather not in ("rank0", "all"):
-        raise ConfigError(f"gather={gather!r}: expected 'rank0' or 'all'.")
+    if gather not in ("rank0", "all", "none"):
+        raise ConfigError(f"gather={gather!r}: expected 'rank0', 'all' or 'none'.")
     steps_per_epoch, validation_steps = (
         _steps("steps_per_epoch", steps_per_epoch),
         _steps("validation_steps", validation_steps),
@@ -186,7 +200,7 @@ def fit(
     cbs = Callbacks(session, callbacks, _verbose(verbose, transport.rank), "train", epochs, train.steps)
     with distributed(transport):
         with phase("initial weight broadcast"):
-            broadcast_variables(transport, model.variables, root=0)
+            _distribute(session, release_root=True, hint=_HINTS[gather])
         model.stop_training = False
         cbs.call("on_train_begin")
         logs: dict[str, float] | None = None
@@ -208,8 +222,10 @@ def fit(
             if loop.agree_to_stop(session):
                 break
         cbs.call("on_train_end", logs)
-        with phase("weight gather"):
-            gather_stages(session.plan, transport, to_all=gather == "all")
+        if gather != "none":
+            with phase("weight gather"):
+                gather_stages(session.plan, transport, to_all=gather == "all")
+        session.spread = gather == "none"
         if recorder is not None:
             recorder.finish()
     return cbs.history
@@ -242,7 +258,7 @@ def evaluate(
     session.start(data.first)
     cbs = Callbacks(session, callbacks, _verbose(verbose, session.transport.rank), "test", 1, data.steps)
     with distributed(session.transport):
-        broadcast_variables(session.transport, model.variables, root=0)
+        _distribute(session, release_root=False, hint=_HINTS["rank0"])
         cbs.call("on_test_begin")
         logs = loop.run_epoch(session, data.epoch(0), train=False, on_batch=cbs.on_batch("test", 0))
         cbs.call("on_test_end", logs)
@@ -277,7 +293,7 @@ def predict(
     cbs = Callbacks(session, callbacks, _verbose(verbose, session.transport.rank), "predict", 1, data.steps)
     chunks: list[list[np.ndarray]] = [[] for _ in session.plan.graph.output_tensors]
     with distributed(session.transport):
-        broadcast_variables(session.transport, model.variables, root=0)
+        _distribute(session, release_root=False, hint=_HINTS["rank0"])
         cbs.call("on_predict_begin")
         for step, (batch, idx) in enumerate(data.epoch(0)):
             cbs.call("on_predict_batch_begin", step)
