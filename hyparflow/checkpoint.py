@@ -102,10 +102,8 @@ def scatter_stages(plan: Plan, transport: Transport, release_root: bool, hint: s
     stage's layers are broadcast to all."""
     grid, me = transport.grid, transport.rank
     assert grid is not None, "scatter_stages needs the session's grid"
-    mine = plan.stages[grid.stage].variables
-    where = f"rank {me} (stage {grid.stage})"
     if me != 0:
-        memory.release_other_stages(plan.graph.model, mine, where, hint)
+        release_other_stages(plan, transport, hint)
     staged = {id(v) for st in plan.stages for v in st.variables}
     broadcast_variables(transport, [v for v in plan.graph.model.variables if id(v) not in staged], 0)
     for s, stage in enumerate(plan.stages):
@@ -116,7 +114,15 @@ def scatter_stages(plan: Plan, transport: Transport, release_root: bool, hint: s
         elif me in holders:
             _recv(transport, stage.variables, 0, STAGE_STATE_TAG + s, f"stage {s} weights")
     if me == 0 and release_root:
-        memory.release_other_stages(plan.graph.model, mine, where, hint)
+        release_other_stages(plan, transport, hint)
+
+
+def release_other_stages(plan: Plan, transport: Transport, hint: str) -> None:
+    """Free this rank's copies of the variables of other stages (see `hyparflow.memory`)."""
+    grid = transport.grid
+    assert grid is not None, "release_other_stages needs the session's grid"
+    where = f"rank {transport.rank} (stage {grid.stage})"
+    memory.release_other_stages(plan.graph.model, plan.stages[grid.stage].variables, where, hint)
 
 
 def atomic_write(path: str, write) -> None:
@@ -188,9 +194,20 @@ def save(model, path: str, comm=None) -> None:
 
     Collective: every rank contributes the optimizer state of its stage; world rank 0,
     which holds the gathered weights after `hyparflow.fit`, writes the file atomically.
-    Loadable with `keras.models.load_model` and resumable under any layout.
+    Loadable with `keras.models.load_model` and resumable under any layout. After a
+    `gather="none"` fit, the stages' weights reach rank 0 for the writing, and leave it again.
     """
-    write_checkpoint(model, path, Transport(comm))
+    from hyparflow.session import _SESSIONS
+
+    cached = _SESSIONS.get(model)
+    session = cached[1] if cached is not None and cached[1].spread else None
+    if session is None:
+        write_checkpoint(model, path, Transport(comm))
+        return
+    gather_stages(session.plan, session.transport)
+    write_checkpoint(model, path, session.transport)
+    if session.transport.rank == 0:
+        release_other_stages(session.plan, session.transport, memory.HINTS["none"])
 
 
 def write_checkpoint(model, path: str, transport: Transport) -> None:

@@ -52,12 +52,12 @@ def open_session(
     with phase("start-up"):
         transport.rendezvous("the start of a hyparflow call")
         everyone = all(transport.allgather(reusable))
+    if cached is not None:
+        cached[1].collect()
     if everyone and session is not None:
         state.where = session.grid.where()
         return session
     if cached is not None:
-        if cached[1].spread:  # a gather="none" fit left the weights on that layout's stages
-            gather_stages(cached[1].plan, cached[1].transport)
         cached[1].close()
         del _SESSIONS[model]
     memory.restore_zeros(model)  # planning runs the model; the start-up broadcast fills these
@@ -112,6 +112,13 @@ class Session:
         if self.executor is None:
             raise RuntimeError("the session's stage is not built: call start() first")
         return self.executor
+
+    def collect(self) -> None:
+        """Bring weights that a `gather="none"` fit left on their stages back to rank 0,
+        where every call takes them from."""
+        if self.spread:
+            gather_stages(self.plan, self.transport)
+            self.spread = False
 
     def close(self) -> None:
         self.transport.close()

@@ -14,7 +14,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from hyparflow import checkpoint, inputs, keras_compat, loop
+from hyparflow import checkpoint, inputs, keras_compat, loop, memory
 from hyparflow import timeline as timelines
 from hyparflow.callbacks import Callbacks
 from hyparflow.checkpoint import gather_stages
@@ -25,13 +25,6 @@ from hyparflow.session import Session, open_session
 from hyparflow.settings import positive_int
 
 Balance = str | Sequence[int] | Sequence[str] | None
-_HINTS = {
-    "rank0": "hyparflow gathers the trained model on rank 0 (gather='rank0'); read the weights there, or pass "
-    "gather='all' to hyparflow.fit to have every rank hold them.",
-    "all": "it is re-created when hyparflow.fit gathers the model to every rank (gather='all').",
-    "none": "hyparflow.fit(gather='none') left each stage's weights on its own ranks; hyparflow.save(model, path) "
-    "writes the whole model, and gather='rank0' or 'all' gathers it.",
-}
 _STEPS = {
     "fit": ("train_step", "compute_loss", "compute_metrics"),
     "evaluate": ("test_step", "compute_loss", "compute_metrics"),
@@ -50,13 +43,6 @@ def _check_model(model, call: str) -> None:
             "objective with compile(loss=..., loss_weights=..., metrics=...) and add_loss in layers, or use "
             f"model.{call}."
         )
-
-
-def _distribute(session: Session, release_root: bool, hint: str) -> None:
-    """Each rank takes its stage's weights from rank 0 and releases the others' (see
-    `checkpoint.scatter_stages`), unless a `gather="none"` fit left them in place."""
-    if not session.spread:
-        checkpoint.scatter_stages(session.plan, session.transport, release_root, hint)
 
 
 def _layout(num_partitions, num_replicas, num_microbatches, schedule=None, placement="pipeline") -> dict[str, Any]:
@@ -170,6 +156,8 @@ def fit(
         steps_per_epoch,
         validation_steps,
     )
+    if transport.rank != 0:  # before the stage's accumulators are made
+        checkpoint.release_other_stages(session.plan, transport, memory.HINTS[gather])
     session.start(train.first)
     settings = (
         batch_size,
@@ -200,7 +188,7 @@ def fit(
     cbs = Callbacks(session, callbacks, _verbose(verbose, transport.rank), "train", epochs, train.steps)
     with distributed(transport):
         with phase("initial weight broadcast"):
-            _distribute(session, release_root=True, hint=_HINTS[gather])
+            checkpoint.scatter_stages(session.plan, transport, True, memory.HINTS[gather])
         model.stop_training = False
         cbs.call("on_train_begin")
         logs: dict[str, float] | None = None
@@ -258,7 +246,7 @@ def evaluate(
     session.start(data.first)
     cbs = Callbacks(session, callbacks, _verbose(verbose, session.transport.rank), "test", 1, data.steps)
     with distributed(session.transport):
-        _distribute(session, release_root=False, hint=_HINTS["rank0"])
+        checkpoint.scatter_stages(session.plan, session.transport, False, memory.HINTS["rank0"])
         cbs.call("on_test_begin")
         logs = loop.run_epoch(session, data.epoch(0), train=False, on_batch=cbs.on_batch("test", 0))
         cbs.call("on_test_end", logs)
@@ -293,7 +281,7 @@ def predict(
     cbs = Callbacks(session, callbacks, _verbose(verbose, session.transport.rank), "predict", 1, data.steps)
     chunks: list[list[np.ndarray]] = [[] for _ in session.plan.graph.output_tensors]
     with distributed(session.transport):
-        _distribute(session, release_root=False, hint=_HINTS["rank0"])
+        checkpoint.scatter_stages(session.plan, session.transport, False, memory.HINTS["rank0"])
         cbs.call("on_predict_begin")
         for step, (batch, idx) in enumerate(data.epoch(0)):
             cbs.call("on_predict_batch_begin", step)
