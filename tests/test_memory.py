@@ -83,21 +83,26 @@ def test_gather_none_keeps_stages_apart_and_save_writes_the_whole_model(tmp_path
         held = sum(not memory.is_released(v) for v in model.variables)
         hf.save(model, path, comm=comm)
         after_save = sum(not memory.is_released(v) for v in model.variables)
-        # a new layout: the weights come back to rank 0 first, then every rank gets them all
-        hf.fit(model, X, Y, **FIT, num_partitions=2, num_microbatches=1, gather="all", comm=comm)
-        return held, after_save, model.get_weights()
+        hf.fit(model, X, Y, **FIT, **GRID, gather="all", comm=comm)  # reused: from the stages, to every rank
+        weights = model.get_weights()
+        hf.fit(model, X, Y, **FIT, **GRID, gather="none", comm=comm)
+        # a new layout: the weights come back to rank 0 first, then go to the new stages
+        loss = hf.evaluate(model, X, Y, verbose=0, num_partitions=2, num_microbatches=1, comm=comm)
+        return held, after_save, weights, loss
 
     results = loopback.run(4, body)
     total = len(models[0].variables)
-    for held, after_save, _ in results:
+    for held, after_save, *_ in results:
         assert 0 < held < total and after_save == held, "gather='none' leaves each rank with its stage only"
     saved = keras.saving.load_model(path)
     once = build()
     once.fit(X, Y, epochs=1, **FIT)
     assert close(saved.get_weights(), once.get_weights()), "the saved file is not the model after one fit"
     assert int(saved.optimizer.iterations.numpy()) == 4
-    for _, _, weights in results:
+    for _, _, weights, _ in results:
         assert close(weights, ref.get_weights()), "gather='all' gives every rank the trained model"
+    ref.fit(X, Y, **FIT)
+    assert results[0][3] == pytest.approx(ref.evaluate(X, Y, verbose=0), rel=1e-5)
 
 
 def test_plan_reports_memory_per_stage():
