@@ -126,11 +126,12 @@ def _run(kind: str, model: str, args, np_: int = 1, extra: tuple[str, ...] = ())
 def main(args) -> int:
     report: dict[str, Any] = {}
     for model in filter(None, args.memory_models.split(",")):
-        variants: list[tuple[str, str, int, tuple[str, ...]]] = [("baseline", "baseline", 1, ()), ("keras", "keras", 1, ())]
+        variants: list[tuple[str, str, int, tuple[str, ...]]] = [("baseline", "baseline", 1, ())]
+        variants.append(("keras", "keras", 1, ()))
         for item in filter(None, args.memory_configs.split(",")):
             grid, _, gather = item.partition(":")
             P, M = (int(v) for v in grid.split("x"))
-            extra = ("--P", str(P), "--M", str(M), "--gather", gather or "rank0")
+            extra: tuple[str, ...] = ("--P", str(P), "--M", str(M), "--gather", gather or "rank0")
             variants.append((f"hyparflow P={P} M={M} gather={gather or 'rank0'}", "hyparflow", P, extra))
         runs: dict[str, list[dict]] = {name: [] for name, *_ in variants}
         for round_ in range(args.repeats):  # alternating, so that the machine's drift hits all alike
@@ -155,8 +156,12 @@ def _summary(runs: dict[str, list[dict]]) -> dict[str, Any]:
         if name == "baseline":
             continue
         peaks = [min(r["peak_mb"][i] for r in results) for i in range(len(results[0]["peak_mb"]))]
-        row: dict[str, Any] = {"peak_mb": peaks, "above_mb": [p - base for p in peaks],
-                               "ratio": [(p - base) / keras_above for p in peaks], "loss": results[0].get("loss")}  # fmt: skip
+        row: dict[str, Any] = {
+            "peak_mb": peaks,
+            "above_mb": [p - base for p in peaks],
+            "ratio": [(p - base) / keras_above for p in peaks],
+            "loss": results[0].get("loss"),
+        }
         if "ranks" in results[0]:
             row["estimate_mb"] = [r["estimate_mb"] for r in results[0]["ranks"]]
             row["estimate_error"] = [e / a - 1 for e, a in zip(row["estimate_mb"], row["above_mb"])]

@@ -19,7 +19,6 @@ import numpy as np
 from hyparflow import keras_compat
 from hyparflow.graph import np_dtype
 
-
 # Why a variable of another stage is not held here, by the `gather` mode of the fit.
 HINTS = {
     "rank0": "hyparflow gathers the trained model on rank 0 (gather='rank0'); read the weights there, or pass "
@@ -82,7 +81,9 @@ def restore_zeros(model) -> None:
 def release_other_stages(model, stage_variables: Iterable[Any], where: str, hint: str) -> None:
     """Release every variable of `model` not in `stage_variables`."""
     keep = {id(v) for v in stage_variables}
-    release([v for v in model.variables if id(v) not in keep], f"{where} keeps only its pipeline stage's weights; {hint}")
+    release(
+        [v for v in model.variables if id(v) not in keep], f"{where} keeps only its pipeline stage's weights; {hint}"
+    )
 
 
 # ---- the estimate ------------------------------------------------------------------------

@@ -6,10 +6,11 @@ TRAINED or OUT OF MEMORY."""
 import resource
 import sys
 
-import hyparflow as hf  # noqa: F401  (imported alike in both modes: it sets the threads)
 import keras
 import numpy as np
 import tensorflow as tf
+
+import hyparflow as hf  # noqa: F401  (imported alike in both modes: it sets the threads)
 
 WIDTH, LAYERS = 1536, 16  # 38 M parameters: 151 MB of weights, about 600 MB with Adam and gradients
 CAP_MB = 480  # above the data memory at the cap's setting: between what P=4's ranks and Keras need
