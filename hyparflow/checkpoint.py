@@ -192,28 +192,29 @@ def restore_optimizer_state(optimizer, model, variables: Sequence[Any], state: d
 def save(model, path: str, comm=None) -> None:
     """Write one standard `.keras` file of the whole model, optimizer state included.
 
-    Collective: every rank contributes the optimizer state of its stage; world rank 0,
-    which holds the gathered weights after `hyparflow.fit`, writes the file atomically.
-    Loadable with `keras.models.load_model` and resumable under any layout. After a
-    `gather="none"` fit, the stages' weights reach rank 0 for the writing, and leave it again.
+    Collective: world rank 0 writes the file atomically; after a hyparflow call, each
+    stage's replica-0 rank streams what rank 0 does not hold (other stages' optimizer
+    slots; with `gather="none"` their weights) one variable at a time as Keras writes it
+    (`hyparflow.savestream`). Loadable with `keras.models.load_model` and resumable under
+    any layout.
     """
     from hyparflow.session import _SESSIONS
 
     cached = _SESSIONS.get(model)
-    session = cached[1] if cached is not None and cached[1].spread else None
-    if session is None:
-        write_checkpoint(model, path, Transport(comm))
-        return
-    gather_stages(session.plan, session.transport)
-    write_checkpoint(model, path, session.transport)
-    if session.transport.rank == 0:
-        release_other_stages(session.plan, session.transport, memory.HINTS["none"])
+    write_checkpoint(model, path, cached[1].transport if cached is not None else Transport(comm))
 
 
 def write_checkpoint(model, path: str, transport: Transport) -> None:
     """`save` on an existing transport (see there)."""
+    from hyparflow import savestream
+    from hyparflow.session import _SESSIONS
+
     if not str(path).endswith(".keras"):
         raise ConfigError(f"checkpoint path {path} must end in .keras")
+    cached = _SESSIONS.get(model)
+    if cached is not None and cached[1].transport is transport:
+        savestream.write(cached[1], path)
+        return
     states = transport.gather(optimizer_state(model.optimizer, model), root=0)
     error = None
     if transport.rank == 0:

@@ -45,6 +45,7 @@ __all__ = [
     "variable_storage",
     "set_variable_storage",
     "materialize",
+    "build_unallocated",
 ]
 
 
@@ -166,6 +167,19 @@ def materialize(variable, value) -> None:
     """Back `variable` with a new tf.Variable holding `value` (as Keras creates one)."""
     variable._value = None
     variable._initialize(value)
+
+
+def build_unallocated(optimizer, variables) -> None:
+    """Build `optimizer` for `variables` without allocating its slots: Keras defers the
+    creation of variables made in a stateless scope, and these are never initialized
+    (their storage is set by the caller)."""
+    from keras.src.backend.common import global_state
+    from keras.src.backend.common.stateless_scope import StatelessScope
+
+    pending = list(global_state.get_global_attribute("uninitialized_variables", []) or [])
+    with StatelessScope(initialize_variables=False):
+        optimizer.build(list(variables))
+    global_state.set_global_attribute("uninitialized_variables", pending)
 
 
 def loss_elements(loss, y_true, y_pred, sample_weight) -> tuple[Any, Any]:

@@ -29,17 +29,20 @@ HINTS = {
 }
 
 
-class ReleasedVariableError(RuntimeError):
-    """A variable this rank released (it belongs to another pipeline stage) was used."""
+class ReleasedVariableError(AttributeError):
+    """A variable this rank released (it belongs to another pipeline stage) was used.
+    An AttributeError, so that probing its storage (`hasattr`) finds nothing."""
 
 
 class _Released:
-    """Stands in for a released variable's storage: every use raises the stored message."""
+    """Stands in for a released variable's storage: every use raises the stored message.
+    It keeps an identity, by which an optimizer can still be built for the variable."""
 
-    __slots__ = ("message",)
+    __slots__ = ("message", "_unique_id")
 
     def __init__(self, message: str):
         self.message = message
+        self._unique_id = f"hyparflow-released-{id(self)}"
 
     def __getattr__(self, name: str) -> Any:
         raise ReleasedVariableError(self.message)

@@ -99,6 +99,8 @@ def test_gather_none_keeps_stages_apart_and_save_writes_the_whole_model(tmp_path
     once.fit(X, Y, epochs=1, **FIT)
     assert close(saved.get_weights(), once.get_weights()), "the saved file is not the model after one fit"
     assert int(saved.optimizer.iterations.numpy()) == 4
+    slots = [v.numpy() for v in saved.optimizer.variables]
+    assert close(slots, [v.numpy() for v in once.optimizer.variables]), "optimizer slots streamed from the stages"
     for _, _, weights, _ in results:
         assert close(weights, ref.get_weights()), "gather='all' gives every rank the trained model"
     ref.fit(X, Y, **FIT)
