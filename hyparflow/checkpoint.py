@@ -29,6 +29,8 @@ def pack(variables: Sequence[Any]) -> np.ndarray:
     """All values in one uint8 buffer (any dtypes), in the given order."""
     if not variables:
         return np.zeros(0, np.uint8)
+    if len(variables) == 1:  # no concatenated copy
+        return np.ascontiguousarray(variables[0].numpy()).reshape(-1).view(np.uint8)
     return np.concatenate([np.ascontiguousarray(v.numpy()).reshape(-1).view(np.uint8) for v in variables])
 
 
@@ -74,8 +76,10 @@ def _send(transport: Transport, variables: Sequence[Any], dest: int, tag: int, w
 
 
 def _recv(transport: Transport, variables: Sequence[Any], source: int, tag: int, what: str) -> None:
-    for part in chunks(variables):
-        buf = np.empty(nbytes(part), np.uint8)
+    parts = chunks(variables)
+    space = np.empty(max((nbytes(p) for p in parts), default=0), np.uint8)  # one buffer for every chunk
+    for part in parts:
+        buf = space[: nbytes(part)]
         transport.recv_array(buf, source, tag, what)
         unpack(buf, part)
 
