@@ -117,8 +117,10 @@ def fit(
     `batch_size` is the global batch. Each replica's share is cut into
     `num_microbatches` micro-batches; batches that do not divide evenly are split as
     evenly as possible and weighted exactly. Array data is shuffled with `seed`, alike on
-    every rank. On return, rank 0's model holds all trained weights (`gather="all"`:
-    every rank's does).
+    every rank. While training, each rank holds only its stage's variables (see
+    `hyparflow.memory`). On return, rank 0's model holds all trained weights
+    (`gather="all"`: every rank's does; `gather="none"`: none does, each rank keeps its
+    stage, and `hyparflow.save` writes the whole model from the stages).
 
     Checkpoints: `resume_from` loads a `.keras` file (weights and optimizer state, any
     layout) before training. `checkpoint_dir` writes `epoch-NNNNN.keras` every
