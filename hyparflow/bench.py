@@ -20,6 +20,7 @@ from typing import Any
 
 import keras
 
+from hyparflow import membench
 from hyparflow.errors import ConfigError
 from hyparflow.launch import Launch
 
@@ -336,6 +337,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="OLD_JSON",
         help="a previous run's bench.json to print the new numbers against",
     )
+    membench.add_arguments(p)
 
 
 def _parse_configs(text: str) -> list[dict]:
@@ -370,6 +372,8 @@ def _run(np_: int, kind: str, args, extra: list[str]) -> dict:
 
 
 def main(args) -> int:
+    if args.memory:
+        return membench.main(args)
     variants: list[dict[str, Any]] = [{"name": "keras model.fit (1 process)", "kind": "keras", "np": 1, "extra": []}]
     variants.append(
         {"name": f"data-parallel baseline ({args.dp_ranks} ranks)", "kind": "dp", "np": args.dp_ranks, "extra": []}

@@ -12,10 +12,13 @@ from typing import Any
 
 import numpy as np
 
+from hyparflow import memory
 from hyparflow.errors import ConfigError
 from hyparflow.graph import np_dtype
 from hyparflow.partition import Plan
 from hyparflow.transport import STAGE_STATE_TAG, Transport
+
+CHUNK_BYTES = 16 << 20  # the most a weight transfer packs at once (unless one variable is larger)
 
 
 def nbytes(variables: Sequence[Any]) -> int:
@@ -26,26 +29,59 @@ def pack(variables: Sequence[Any]) -> np.ndarray:
     """All values in one uint8 buffer (any dtypes), in the given order."""
     if not variables:
         return np.zeros(0, np.uint8)
+    if len(variables) == 1:  # no concatenated copy
+        return np.ascontiguousarray(variables[0].numpy()).reshape(-1).view(np.uint8)
     return np.concatenate([np.ascontiguousarray(v.numpy()).reshape(-1).view(np.uint8) for v in variables])
 
 
 def unpack(buffer: np.ndarray, variables: Sequence[Any]) -> None:
+    """Assign the values `pack` put in `buffer` (re-creating released variables)."""
     offset = 0
     for v in variables:
         dt = np_dtype(v.dtype)
         n = int(np.prod(v.shape)) * dt.itemsize
-        v.assign(buffer[offset : offset + n].view(dt).reshape(v.shape))
+        memory.set_value(v, buffer[offset : offset + n].view(dt).reshape(v.shape))
         offset += n
+
+
+def chunks(variables: Sequence[Any], limit: int = CHUNK_BYTES) -> list[list[Any]]:
+    """Consecutive runs of `variables` of at most `limit` bytes (a larger variable alone),
+    so that moving them never packs more than that, or one variable, at once."""
+    out: list[list[Any]] = []
+    size = limit
+    for v in variables:
+        n = nbytes([v])
+        if size + n > limit:
+            out.append([])
+            size = 0
+        out[-1].append(v)
+        size += n
+    return out
 
 
 def broadcast_variables(transport: Transport, variables: Sequence[Any], root: int = 0) -> None:
     """Make `variables` on every rank equal to those on world rank `root` (one broadcast)."""
     if transport.size == 1:
         return
-    buf = pack(variables) if transport.rank == root else np.empty(nbytes(variables), np.uint8)
-    transport.bcast_array(buf, root, "weight broadcast")
-    if transport.rank != root:
-        unpack(buf, variables)
+    for part in chunks(variables):
+        buf = pack(part) if transport.rank == root else np.empty(nbytes(part), np.uint8)
+        transport.bcast_array(buf, root, "weight broadcast")
+        if transport.rank != root:
+            unpack(buf, part)
+
+
+def _send(transport: Transport, variables: Sequence[Any], dest: int, tag: int, what: str) -> None:
+    for part in chunks(variables):
+        transport.send_array(pack(part), dest, tag, what)
+
+
+def _recv(transport: Transport, variables: Sequence[Any], source: int, tag: int, what: str) -> None:
+    parts = chunks(variables)
+    space = np.empty(max((nbytes(p) for p in parts), default=0), np.uint8)  # one buffer for every chunk
+    for part in parts:
+        buf = space[: nbytes(part)]
+        transport.recv_array(buf, source, tag, what)
+        unpack(buf, part)
 
 
 def gather_stages(plan: Plan, transport: Transport, to_all: bool = False) -> None:
@@ -58,11 +94,39 @@ def gather_stages(plan: Plan, transport: Transport, to_all: bool = False) -> Non
         if to_all:
             broadcast_variables(transport, variables, root)
         elif root != 0 and me == root:
-            transport.send_array(pack(variables), 0, STAGE_STATE_TAG + s, f"stage {s} weights to rank 0")
+            _send(transport, variables, 0, STAGE_STATE_TAG + s, f"stage {s} weights to rank 0")
         elif root != 0 and me == 0:
-            buf = np.empty(nbytes(variables), np.uint8)
-            transport.recv_array(buf, root, STAGE_STATE_TAG + s, f"stage {s} weights")
-            unpack(buf, variables)
+            _recv(transport, variables, root, STAGE_STATE_TAG + s, f"stage {s} weights")
+
+
+def scatter_stages(plan: Plan, transport: Transport, release_root: bool, hint: str) -> None:
+    """Give every rank its stage's variables from world rank 0, a chunk at a time, and
+    release the variables of other stages on every rank but rank 0 (on rank 0 too with
+    `release_root`): no rank ever holds the whole model twice. Variables outside every
+    stage's layers are broadcast to all."""
+    grid, me = transport.grid, transport.rank
+    assert grid is not None, "scatter_stages needs the session's grid"
+    if me != 0:
+        release_other_stages(plan, transport, hint)
+    staged = {id(v) for st in plan.stages for v in st.variables}
+    broadcast_variables(transport, [v for v in plan.graph.model.variables if id(v) not in staged], 0)
+    for s, stage in enumerate(plan.stages):
+        holders = sorted({row[s] for row in grid.ranks} - {0})
+        if me == 0:
+            for dest in holders:
+                _send(transport, stage.variables, dest, STAGE_STATE_TAG + s, f"stage {s} weights from rank 0")
+        elif me in holders:
+            _recv(transport, stage.variables, 0, STAGE_STATE_TAG + s, f"stage {s} weights")
+    if me == 0 and release_root:
+        release_other_stages(plan, transport, hint)
+
+
+def release_other_stages(plan: Plan, transport: Transport, hint: str) -> None:
+    """Free this rank's copies of the variables of other stages (see `hyparflow.memory`)."""
+    grid = transport.grid
+    assert grid is not None, "release_other_stages needs the session's grid"
+    where = f"rank {transport.rank} (stage {grid.stage})"
+    memory.release_other_stages(plan.graph.model, plan.stages[grid.stage].variables, where, hint)
 
 
 def atomic_write(path: str, write) -> None:
@@ -132,17 +196,29 @@ def restore_optimizer_state(optimizer, model, variables: Sequence[Any], state: d
 def save(model, path: str, comm=None) -> None:
     """Write one standard `.keras` file of the whole model, optimizer state included.
 
-    Collective: every rank contributes the optimizer state of its stage; world rank 0,
-    which holds the gathered weights after `hyparflow.fit`, writes the file atomically.
-    Loadable with `keras.models.load_model` and resumable under any layout.
+    Collective: world rank 0 writes the file atomically; after a hyparflow call, each
+    stage's replica-0 rank streams what rank 0 does not hold (other stages' optimizer
+    slots; with `gather="none"` their weights) one variable at a time as Keras writes it
+    (`hyparflow.savestream`). Loadable with `keras.models.load_model` and resumable under
+    any layout.
     """
-    write_checkpoint(model, path, Transport(comm))
+    from hyparflow.session import _SESSIONS
+
+    cached = _SESSIONS.get(model)
+    write_checkpoint(model, path, cached[1].transport if cached is not None else Transport(comm))
 
 
 def write_checkpoint(model, path: str, transport: Transport) -> None:
     """`save` on an existing transport (see there)."""
+    from hyparflow import savestream
+    from hyparflow.session import _SESSIONS
+
     if not str(path).endswith(".keras"):
         raise ConfigError(f"checkpoint path {path} must end in .keras")
+    cached = _SESSIONS.get(model)
+    if cached is not None and cached[1].transport is transport:
+        savestream.write(cached[1], path)
+        return
     states = transport.gather(optimizer_state(model.optimizer, model), root=0)
     error = None
     if transport.rank == 0:

@@ -426,7 +426,8 @@ class ModelGraph:
         small: dict[int, Any] = {}
         large: dict[int, Any] = {}
         times = []
-        saved = {id(v): (v, v.numpy()) for c in self.calls for v in getattr(c.layer, "variables", ())}
+        # Only non-trainable state moves in a forward pass (trainable weights would be a copy of the model).
+        saved = {id(v): (v, v.numpy()) for c in self.calls for v in getattr(c.layer, "non_trainable_variables", ())}
         for c in self.calls:
             t_small, out_small = timed(
                 c, {i: small[i] if i in small else sample(self.tensors[i], batch) for i in c.inputs}

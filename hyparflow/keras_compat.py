@@ -42,6 +42,10 @@ __all__ = [
     "squeeze_or_expand_to_same_rank",
     "unpack_x_y_sample_weight",
     "optimizer_variables_for",
+    "variable_storage",
+    "set_variable_storage",
+    "materialize",
+    "build_unallocated",
 ]
 
 
@@ -147,6 +151,35 @@ def own_call_losses(layer) -> list[Any]:
 def optimizer_variables_for(optimizer) -> list[Any]:
     """The model variables a built optimizer was built for."""
     return list(optimizer._trainable_variables)
+
+
+def variable_storage(variable) -> Any:
+    """What backs a Keras variable's value (a tf.Variable on TensorFlow)."""
+    return variable._value
+
+
+def set_variable_storage(variable, storage) -> None:
+    """Replace what backs a Keras variable; the old backing memory is freed once unreferenced."""
+    variable._value = storage
+
+
+def materialize(variable, value) -> None:
+    """Back `variable` with a new tf.Variable holding `value` (as Keras creates one)."""
+    variable._value = None
+    variable._initialize(value)
+
+
+def build_unallocated(optimizer, variables) -> None:
+    """Build `optimizer` for `variables` without allocating its slots: Keras defers the
+    creation of variables made in a stateless scope, and these are never initialized
+    (their storage is set by the caller)."""
+    from keras.src.backend.common import global_state
+    from keras.src.backend.common.stateless_scope import StatelessScope
+
+    pending = list(global_state.get_global_attribute("uninitialized_variables", []) or [])
+    with StatelessScope(initialize_variables=False):
+        optimizer.build(list(variables))
+    global_state.set_global_attribute("uninitialized_variables", pending)
 
 
 def loss_elements(loss, y_true, y_pred, sample_weight) -> tuple[Any, Any]:

@@ -23,7 +23,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from hyparflow import keras_compat
+from hyparflow import keras_compat, memory
 from hyparflow.errors import ConfigError
 from hyparflow.graph import (
     COST_MODELS,
@@ -35,9 +35,6 @@ from hyparflow.graph import (
     run_call,
     weights_of,
 )
-
-# Estimated bytes held per parameter byte: weights, gradients and two optimizer slots.
-STATE_BYTES_PER_PARAM_BYTE = 4
 
 
 @dataclass
@@ -153,6 +150,8 @@ class Plan:
     def __init__(self, graph: ModelGraph, starts: Sequence[int], balance: str):
         self.graph = graph
         self.balance = balance
+        self.memory: list[memory.StageMemory] | None = None  # estimated bytes per rank of each stage, if asked
+        self.microbatch_size = 1
         self.starts = list(starts)
         n = len(graph.calls)
         bounds = self.starts + [n]
@@ -283,6 +282,13 @@ class Plan:
         tied = [f"{name} {sorted(stages)}" for name, stages in holders.values() if len(stages) > 1]
         if tied:
             rows.append("tied layers (on several stages, their gradients summed): " + ", ".join(tied))
+        if self.memory:
+            rows.append(f"estimated memory per rank (micro-batch of {self.microbatch_size}, one in flight):")
+            names = ("weights", "accumulators", "gradients", "optimizer", "activations", "total")
+            rows.append(f"{'stage':>5} " + " ".join(f"{n:>12}" for n in names))
+            for i, m in enumerate(self.memory):
+                values = [getattr(m, n) for n in names]
+                rows.append(f"{i:>5} " + " ".join(f"{_human(v):>12}" for v in values))
         return "\n".join(rows)
 
     __repr__ = __str__
@@ -308,8 +314,9 @@ def plan(
     balance: a cost model ("time": measured forward+backward per layer, "flops",
       "params"; default "time" for up to 100 layer calls, else "flops"), a list of
       layer-call counts per stage, or a list of layer names to cut after.
-    memory_limit: bytes per stage for weights, gradients, optimizer slots and
-      `microbatch_size` samples of activations.
+    memory_limit: bytes per stage for weights, gradient accumulators, one step's
+      gradients, the compiled optimizer's slots and `microbatch_size` samples of
+      activations; the plan's text shows this estimate per stage (`hyparflow.memory`).
     """
     if not isinstance(num_partitions, int) or num_partitions < 1:
         raise ConfigError(f"num_partitions must be a positive integer, got {num_partitions!r}.")
@@ -321,13 +328,14 @@ def plan(
         )
     if balance is None:
         balance = "time" if n <= TIME_PROFILE_MAX_CALLS else "flops"
+    optimizer = getattr(model, "optimizer", None)
     if isinstance(balance, str):
         graph.set_costs(balance)
-        memory = [
-            float(c.param_bytes * STATE_BYTES_PER_PARAM_BYTE + c.act_bytes * microbatch_size) for c in graph.calls
-        ]
-        starts = balanced_cuts([c.cost for c in graph.calls], num_partitions, memory, memory_limit)
-        return Plan(graph, starts, balance)
+        # weights, accumulator, one step's gradient and the optimizer's slots, per parameter byte
+        per_byte = 3 + memory.slots_per_variable(optimizer)
+        need = [float(c.param_bytes * per_byte + c.act_bytes * microbatch_size) for c in graph.calls]
+        starts = balanced_cuts([c.cost for c in graph.calls], num_partitions, need, memory_limit)
+        return _with_memory(Plan(graph, starts, balance), optimizer, microbatch_size)
     graph.set_costs("flops")
     items: list[Any] = list(balance)
     if all(isinstance(b, int) for b in items):
@@ -339,7 +347,13 @@ def plan(
             f"balance={items!r}: a list must hold only layer counts (int) or only layer names (str); cost models are "
             f"{COST_MODELS}."
         )
-    return Plan(graph, starts, "explicit")
+    return _with_memory(Plan(graph, starts, "explicit"), optimizer, microbatch_size)
+
+
+def _with_memory(p: Plan, optimizer, microbatch_size: int) -> Plan:
+    p.memory = memory.estimate(p, optimizer, microbatch_size)
+    p.microbatch_size = microbatch_size
+    return p
 
 
 def _starts_from_counts(graph: ModelGraph, counts: list[int], parts: int) -> list[int]:

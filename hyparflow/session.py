@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from hyparflow import keras_compat, placement
+from hyparflow import keras_compat, memory, placement
+from hyparflow.checkpoint import gather_stages
 from hyparflow.errors import ConfigError
 from hyparflow.executor import Executor
 from hyparflow.failures import phase, state
@@ -51,12 +52,15 @@ def open_session(
     with phase("start-up"):
         transport.rendezvous("the start of a hyparflow call")
         everyone = all(transport.allgather(reusable))
+    if cached is not None:
+        cached[1].collect()
     if everyone and session is not None:
         state.where = session.grid.where()
         return session
     if cached is not None:
         cached[1].close()
         del _SESSIONS[model]
+    memory.restore_zeros(model)  # planning runs the model; the start-up broadcast fills these
     session = Session(model, layout, balance, memory_limit, world, announce)
     _SESSIONS[model] = (key, session)
     return session
@@ -98,6 +102,7 @@ class Session:
         self.objective: Objective | None = None
         self.with_targets = False
         self.timeline: Timeline | None = None  # recording `fit`'s timeline, when asked to
+        self.spread = False  # True after a gather="none" fit: each stage's weights only on its ranks
 
     @property
     def compute(self) -> StageCompute:
@@ -107,6 +112,13 @@ class Session:
         if self.executor is None:
             raise RuntimeError("the session's stage is not built: call start() first")
         return self.executor
+
+    def collect(self) -> None:
+        """Bring weights that a `gather="none"` fit left on their stages back to rank 0,
+        where every call takes them from."""
+        if self.spread:
+            gather_stages(self.plan, self.transport)
+            self.spread = False
 
     def close(self) -> None:
         self.transport.close()

@@ -14,10 +14,10 @@ from typing import Any
 import keras
 import numpy as np
 
-from hyparflow import checkpoint, inputs, keras_compat, loop
+from hyparflow import checkpoint, inputs, keras_compat, loop, memory
 from hyparflow import timeline as timelines
 from hyparflow.callbacks import Callbacks
-from hyparflow.checkpoint import broadcast_variables, gather_stages
+from hyparflow.checkpoint import gather_stages
 from hyparflow.errors import ConfigError
 from hyparflow.failures import distributed, phase
 from hyparflow.graph import np_dtype
@@ -124,8 +124,10 @@ def fit(
     `batch_size` is the global batch. Each replica's share is cut into
     `num_microbatches` micro-batches; batches that do not divide evenly are split as
     evenly as possible and weighted exactly. Array data is shuffled with `seed`, alike on
-    every rank. On return, rank 0's model holds all trained weights (`gather="all"`:
-    every rank's does).
+    every rank. While training, each rank holds only its stage's variables (see
+    `hyparflow.memory`). On return, rank 0's model holds all trained weights
+    (`gather="all"`: every rank's does; `gather="none"`: none does, each rank keeps its
+    stage, and `hyparflow.save` writes the whole model from the stages).
 
     Checkpoints: `resume_from` loads a `.keras` file (weights and optimizer state, any
     layout) before training. `checkpoint_dir` writes `epoch-NNNNN.keras` every
@@ -142,8 +144,8 @@ def fit(
     if batch_size is not None:
         batch_size = positive_int("batch_size", batch_size, what=" (the global batch)")
     epochs = positive_int("epochs", epochs, minimum=0)
-    if gather not in ("rank0", "all"):
-        raise ConfigError(f"gather={gather!r}: expected 'rank0' or 'all'.")
+    if gather not in ("rank0", "all", "none"):
+        raise ConfigError(f"gather={gather!r}: expected 'rank0', 'all' or 'none'.")
     steps_per_epoch, validation_steps = (
         _steps("steps_per_epoch", steps_per_epoch),
         _steps("validation_steps", validation_steps),
@@ -164,6 +166,8 @@ def fit(
         steps_per_epoch,
         validation_steps,
     )
+    if transport.rank != 0:  # before the stage's accumulators are made
+        checkpoint.release_other_stages(session.plan, transport, memory.HINTS[gather])
     session.start(train.first)
     session.compute.recompute = recompute
     settings = (
@@ -195,7 +199,7 @@ def fit(
     cbs = Callbacks(session, callbacks, _verbose(verbose, transport.rank), "train", epochs, train.steps)
     with distributed(transport):
         with phase("initial weight broadcast"):
-            broadcast_variables(transport, model.variables, root=0)
+            checkpoint.scatter_stages(session.plan, transport, True, memory.HINTS[gather])
         model.stop_training = False
         cbs.call("on_train_begin")
         logs: dict[str, float] | None = None
@@ -217,8 +221,10 @@ def fit(
             if loop.agree_to_stop(session):
                 break
         cbs.call("on_train_end", logs)
-        with phase("weight gather"):
-            gather_stages(session.plan, transport, to_all=gather == "all")
+        if gather != "none":
+            with phase("weight gather"):
+                gather_stages(session.plan, transport, to_all=gather == "all")
+        session.spread = gather == "none"
         if recorder is not None:
             recorder.finish()
     return cbs.history
@@ -251,7 +257,7 @@ def evaluate(
     session.start(data.first)
     cbs = Callbacks(session, callbacks, _verbose(verbose, session.transport.rank), "test", 1, data.steps)
     with distributed(session.transport):
-        broadcast_variables(session.transport, model.variables, root=0)
+        checkpoint.scatter_stages(session.plan, session.transport, False, memory.HINTS["rank0"])
         cbs.call("on_test_begin")
         logs = loop.run_epoch(session, data.epoch(0), train=False, on_batch=cbs.on_batch("test", 0))
         cbs.call("on_test_end", logs)
@@ -286,7 +292,7 @@ def predict(
     cbs = Callbacks(session, callbacks, _verbose(verbose, session.transport.rank), "predict", 1, data.steps)
     chunks: list[list[np.ndarray]] = [[] for _ in session.plan.graph.output_tensors]
     with distributed(session.transport):
-        broadcast_variables(session.transport, model.variables, root=0)
+        checkpoint.scatter_stages(session.plan, session.transport, False, memory.HINTS["rank0"])
         cbs.call("on_predict_begin")
         for step, (batch, idx) in enumerate(data.epoch(0)):
             cbs.call("on_predict_batch_begin", step)

@@ -1,0 +1,130 @@
+"""Each rank holds only its stage: released variables, the gather modes, save, reuse
+(4 loopback ranks in one process), and a model that does not fit under a per-process
+memory cap (real mpirun)."""
+
+from __future__ import annotations
+
+import sys
+
+import keras
+import numpy as np
+import pytest
+from conftest import SCRIPTS, mpi_env, mpirun
+
+import hyparflow as hf
+from hyparflow import loopback, memory, session
+
+
+def build():
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((8,))
+    x = inputs
+    for _ in range(5):
+        x = keras.layers.Dense(16, activation="tanh")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3)(x))
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
+    return model
+
+
+X = np.random.default_rng(0).standard_normal((64, 8)).astype("float32")
+Y = np.random.default_rng(1).integers(0, 3, 64)
+FIT = dict(batch_size=16, shuffle=False, verbose=0)
+GRID = dict(num_partitions=4, num_microbatches=2, balance=[2, 1, 1, 2])
+
+
+def close(a, b) -> bool:
+    return len(a) == len(b) and all(np.allclose(x, y, rtol=1e-4, atol=1e-5) for x, y in zip(a, b))
+
+
+def test_other_stages_are_released_and_rank0_ends_with_the_trained_model():
+    ref = build()
+    ref.fit(X, Y, epochs=2, **FIT)
+    ref_eval = ref.evaluate(X, Y, verbose=0)
+    models = [build() for _ in range(4)]
+
+    def body(comm):
+        model = models[comm.Get_rank()]
+        hf.fit(model, X, Y, **FIT, **GRID, comm=comm)
+        hf.fit(model, X, Y, **FIT, **GRID, comm=comm)  # the session reused
+        loss = hf.evaluate(model, X, Y, verbose=0, comm=comm, **GRID)
+        s = session._SESSIONS[model][1]
+        own = {id(v) for v in s.stage.variables}
+        released = {id(v) for v in model.variables if memory.is_released(v)}
+        error = ""
+        if comm.Get_rank():
+            with pytest.raises(memory.ReleasedVariableError) as e:
+                model.get_weights()
+            error = str(e.value)
+        stage = [v.numpy() for v in s.stage.variables]
+        return loss, released, {id(v) for v in model.variables} - own, error, stage, s.plan
+
+    results = loopback.run(4, body)
+    loss0, released0, _, _, _, plan = results[0]
+    assert released0 == set(), "rank 0 holds the whole model after gather='rank0'"
+    assert close(models[0].get_weights(), ref.get_weights()), "rank 0's model is not Keras's after two fits"
+    assert loss0 == pytest.approx(ref_eval, rel=1e-5)
+    for rank, (loss, released, others, error, stage, _) in enumerate(results[1:], 1):
+        assert released == others and released, f"rank {rank} must hold exactly its stage's variables"
+        assert "gather='all'" in error and "rank 0" in error and "stage" in error, error
+        assert loss == loss0
+        positions = [i for i, v in enumerate(models[rank].variables) if id(v) not in released]
+        assert close(stage, [ref.variables[i].numpy() for i in positions]), f"rank {rank}'s stage weights differ"
+
+
+def test_gather_none_keeps_stages_apart_and_save_writes_the_whole_model(tmp_path):
+    ref = build()
+    ref.fit(X, Y, epochs=2, **FIT)
+    models = [build() for _ in range(4)]
+    path = str(tmp_path / "spread.keras")
+
+    def body(comm):
+        model = models[comm.Get_rank()]
+        hf.fit(model, X, Y, **FIT, **GRID, gather="none", comm=comm)
+        held = sum(not memory.is_released(v) for v in model.variables)
+        hf.save(model, path, comm=comm)
+        after_save = sum(not memory.is_released(v) for v in model.variables)
+        hf.fit(model, X, Y, **FIT, **GRID, gather="all", comm=comm)  # reused: from the stages, to every rank
+        weights = model.get_weights()
+        hf.fit(model, X, Y, **FIT, **GRID, gather="none", comm=comm)
+        # a new layout: the weights come back to rank 0 first, then go to the new stages
+        loss = hf.evaluate(model, X, Y, verbose=0, num_partitions=2, num_microbatches=1, comm=comm)
+        return held, after_save, weights, loss
+
+    results = loopback.run(4, body)
+    total = len(models[0].variables)
+    for held, after_save, *_ in results:
+        assert 0 < held < total and after_save == held, "gather='none' leaves each rank with its stage only"
+    saved = keras.saving.load_model(path)
+    once = build()
+    once.fit(X, Y, epochs=1, **FIT)
+    assert close(saved.get_weights(), once.get_weights()), "the saved file is not the model after one fit"
+    assert int(saved.optimizer.iterations.numpy()) == 4
+    slots = [v.numpy() for v in saved.optimizer.variables]
+    assert close(slots, [v.numpy() for v in once.optimizer.variables]), "optimizer slots streamed from the stages"
+    for _, _, weights, _ in results:
+        assert close(weights, ref.get_weights()), "gather='all' gives every rank the trained model"
+    ref.fit(X, Y, **FIT)
+    assert results[0][3] == pytest.approx(ref.evaluate(X, Y, verbose=0), rel=1e-5)
+
+
+def test_plan_reports_memory_per_stage():
+    model = build()
+    plan = hf.plan(model, 2, balance=[3, 3], microbatch_size=4)
+    text = str(plan)
+    assert "memory" in text and "optimizer" in text
+    est = memory.estimate(plan, model.optimizer, 4)
+    weights = sum(int(np.prod(v.shape)) * 4 for v in plan.stages[0].trainable_variables)
+    assert est[0].weights == weights and est[0].optimizer == 2 * weights  # Adam: two slots per variable
+    assert memory.slots_per_variable(keras.optimizers.SGD(momentum=0.9)) == 1
+    assert memory.slots_per_variable(keras.optimizers.SGD()) == 0
+
+
+@pytest.mark.mpi
+def test_a_model_too_large_for_one_process_trains_on_four(tmp_path):
+    """Under the same per-process cap on data memory (RLIMIT_DATA), plain Keras runs out
+    of memory and hyparflow at P=4 trains the model."""
+    script = [sys.executable, str(SCRIPTS / "memory_cap.py")]
+    keras_run = mpirun(1, script + ["keras"], check=False, env=mpi_env())
+    assert keras_run.returncode != 0 and "OUT OF MEMORY" in keras_run.stdout, keras_run.stdout[-2000:]
+    hf_run = mpirun(4, script + ["hyparflow"], env=mpi_env())
+    assert "TRAINED" in hf_run.stdout, hf_run.stdout[-2000:]
