@@ -114,3 +114,17 @@ def test_predict_and_evaluate_read_the_stream_on_the_stages_that_need_it():
     ref = cases.compiled("mlp", "sgd")
     np.testing.assert_allclose(results[0][0], ref.predict(X, batch_size=16, verbose=0), rtol=1e-5, atol=1e-6)
     assert results[3][1] == pytest.approx(ref.evaluate(X, Y, batch_size=16, verbose=0, return_dict=True), rel=1e-5)
+
+
+@pytest.mark.mpi
+def test_under_mpi_only_readers_pull_and_unknown_lengths_end_together(tmp_path):
+    from conftest import run_script
+
+    r = run_script(3, "feed.py", tmp=tmp_path, timeout=300)
+    ranks = r["generator"]["ranks"]
+    assert [f["stage"] for f in ranks] == [0, 1, 2]
+    assert [f["pulls"] for f in ranks] == [3, 0, 3], "stage 1 reads no data and never iterates"
+    for case in ("generator", "dataset"):  # verbose=1: the bar's logs reduce non-blocking
+        assert r[case]["err"] < 1e-5, case
+        for key, values in r[case]["ref_history"].items():
+            assert r[case]["history"][key] == pytest.approx(values, rel=1e-5, abs=1e-6), (case, key)
