@@ -2,8 +2,8 @@
 
 Callbacks that write files or print run on rank 0 only; the rest run on every rank with
 the same reduced logs. Since the two sets differ between ranks, whether anyone needs
-the weights on rank 0 at epoch ends, and whether anyone reads per-batch logs, is
-decided together (one reduction at the start).
+the weights on rank 0 at epoch ends, and whether anything besides a progress bar reads
+per-batch logs, is decided together (one reduction at the start).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 
 from hyparflow.failures import phase
 from hyparflow.keras_compat import is_default
-from hyparflow.loop import OnBatch, world_sum
+from hyparflow.loop import BatchLogs, world_sum
 from hyparflow.session import Session
 from hyparflow.timeline import now
 
@@ -57,13 +57,20 @@ class Callbacks:
             hyparflow=self._params(session),
         )
         self.history = next((cb for cb in self.list.callbacks if isinstance(cb, keras.callbacks.History)), None)
+        bars = [cb for cb in self.list.callbacks if type(cb) is keras.callbacks.ProgbarLogger]  # not subclasses
+        others = [cb for cb in self.list.callbacks if cb not in bars]
+        self.has_bar = bool(bars)
         local = [any(isinstance(cb, keras.callbacks.ModelCheckpoint) for cb in mine)]
-        local += [any(has_batch_hooks(cb, m) for cb in self.list.callbacks) for m in MODES]
+        for m in MODES:
+            silent = mode == "train" and m == "test"  # Keras's bar shows no validation batches within fit
+            local += [any(has_batch_hooks(cb, m) for cb in others), bool(bars) and not silent]
         agreed = (
             world_sum(session, np.array(local, float), "callback agreement", op="max") if mode != "predict" else local
         )
         self.weights_on_rank0 = bool(agreed[0])
-        self.batch_hooks = {m: bool(f) for m, f in zip(MODES, agreed[1:])}
+        self.batch_logs: dict[str, str | None] = {
+            m: "exact" if agreed[1 + 2 * i] else "lagged" if agreed[2 + 2 * i] else None for i, m in enumerate(MODES)
+        }
         self.timeline = session.timeline
 
     @staticmethod
@@ -81,10 +88,12 @@ class Callbacks:
             if self.timeline is not None:
                 self.timeline.add(hook, "callback", t0)
 
-    def on_batch(self, mode: str, epoch: int) -> OnBatch | None:
+    def on_batch(self, mode: str, epoch: int) -> BatchLogs | None:
         """The per-step hook for `loop.run_epoch`, or None when no rank's callback reads
-        `mode`'s batches (then no per-step log reduction happens)."""
-        if not self.batch_hooks[mode]:
+        `mode`'s batches (then no per-step log reduction happens). When only progress bars
+        read them, the logs reach the bars a step late and only ranks holding one call it."""
+        kind = self.batch_logs[mode]
+        if kind is None:
             return None
 
         def hook(step: int, logs: dict[str, float] | None) -> None:
@@ -95,4 +104,5 @@ class Callbacks:
             else:
                 self.call(f"on_{mode}_batch_end", step, logs, label=where)
 
-        return hook
+        lagged = kind == "lagged"
+        return BatchLogs(hook, lagged=lagged, reads=self.has_bar or not lagged)

@@ -15,6 +15,7 @@ import numpy as np
 
 from hyparflow import keras_compat
 from hyparflow.errors import ConfigError
+from hyparflow.feed import Feed
 from hyparflow.graph import ModelGraph
 
 
@@ -56,7 +57,8 @@ class Data:
     def __len__(self) -> int:
         return len(self.x[0])
 
-    def take(self, idx: np.ndarray) -> Data:
+    def take(self, idx: np.ndarray | slice) -> Data:
+        """The rows `idx` (a slice gives views, an index array copies)."""
         rows = lambda arrays: [None if a is None else a[idx] for a in arrays]  # noqa: E731
         return Data([a[idx] for a in self.x], rows(self.y), rows(self.sw))
 
@@ -91,12 +93,13 @@ def _prepare(graph: ModelGraph, x, y, sample_weight, class_weight, with_targets:
             )
         labels = np.asarray(ys[0]).reshape(n, -1)
         labels = labels.argmax(axis=1) if labels.shape[1] > 1 else labels[:, 0].round().astype(int)
-        missing = sorted(set(np.unique(labels).tolist()) - set(class_weight))
+        classes, of_class = np.unique(labels, return_inverse=True)
+        missing = sorted(set(classes.tolist()) - set(class_weight))
         if missing:
             raise ConfigError(f"class_weight has no weight for classes {missing}.")
-        cw = np.array([class_weight[int(c)] for c in labels], np.float32)
+        cw = np.array([class_weight[int(c)] for c in classes], np.float32)[of_class.reshape(-1)]
         sws = [cw if s is None else s * cw for s in sws]
-    sws = [None if s is None else s.astype(np.float32) for s in sws]
+    sws = [None if s is None else s.astype(np.float32, copy=False) for s in sws]
     return Data(xs, ys, sws)
 
 
@@ -120,6 +123,7 @@ class ArraySource:
         self.cycle = steps_per_epoch is not None  # epochs continue where the last stopped
         self.steps: int = steps_per_epoch if steps_per_epoch is not None else -(-len(data) // batch_size)
         self.first = data
+        self.signature = shapes(data)
 
     def _pass(self, p: int) -> np.ndarray:
         n = len(self.data)
@@ -141,23 +145,52 @@ class StreamSource:
     """Global batches from a stream Keras adapts: a batched `tf.data.Dataset`, a
     `keras.utils.PyDataset`, or a Python generator of batches.
 
-    Every rank iterates its own copy of the stream, which must yield the same batches on
-    every rank (seed any shuffle); each replica then takes its share of every batch, so
-    every rank runs the same number of steps and every sample counts once. With
+    Only ranks whose stage reads inputs or targets iterate the stream (see `hyparflow.feed`);
+    each iterates its own copy, which must yield the same batches on every rank (seed any
+    shuffle), and its replica takes its share of every batch, so every rank runs the same
+    number of steps and every sample counts once. A stage that reads nothing gets each
+    batch's size from its replica's leader and yields batches without arrays. With
     `steps_per_epoch`, epochs continue through the stream, as in Keras.
     """
 
-    def __init__(self, x, graph: ModelGraph, with_targets: bool, steps_per_epoch: int | None = None, class_weight=None):
-        self.graph, self.with_targets, self.class_weight = graph, with_targets, class_weight
+    def __init__(
+        self,
+        x,
+        graph: ModelGraph,
+        with_targets: bool,
+        steps_per_epoch: int | None = None,
+        class_weight=None,
+        feed: Feed | None = None,
+    ):
+        self.graph, self.with_targets, self.feed = graph, with_targets, feed
+        self.continuing = steps_per_epoch is not None
+        self.reads = feed is None or feed.reads
+        mine: tuple | ConfigError | None = None
+        if self.reads:
+            try:
+                mine = self._open(x, steps_per_epoch, class_weight)
+            except ConfigError as e:
+                mine = e
+        info = feed.share(mine) if feed is not None else mine
+        for found in (mine, info):
+            if isinstance(found, ConfigError):
+                raise ConfigError(str(found))
+        assert isinstance(info, tuple)
+        self.steps, self.signature, sample = info
+        self.first = self._first if self.reads else sample
+        self._nothing = Data([], [None] * len(graph.output_names), [None] * len(graph.output_names))
+
+    def _open(self, x, steps_per_epoch: int | None, class_weight) -> tuple:
+        """Start the stream; (steps, the first batch's shapes, a two-sample slice of it)."""
         self.adapter = keras_compat.data_adapter(x, steps_per_epoch, class_weight)
         self._iterator = iter(self.adapter.get_numpy_iterator())
         element = next(self._iterator, None)
         if element is None:
             raise ConfigError("The data stream is empty: there is nothing to train on.")
         self._pending = [element]  # the peeked batch is the stream's first
-        self.first = self._convert(element)
-        self.steps = steps_per_epoch if steps_per_epoch is not None else self.adapter.num_batches
-        self.continuing = steps_per_epoch is not None
+        self._first = self._convert(element)
+        steps = steps_per_epoch if steps_per_epoch is not None else self.adapter.num_batches
+        return steps, shapes(self._first), self._first.take(np.arange(min(2, len(self._first))))
 
     def _convert(self, element) -> Data:
         x, y, sw = keras_compat.unpack_x_y_sample_weight(element)
@@ -175,15 +208,35 @@ class StreamSource:
         return element
 
     def epoch(self, epoch: int) -> Iterator[tuple[Data, np.ndarray]]:
-        if epoch > 0 and not self.continuing and not self._pending:
+        if not self.reads:
+            yield from self._sizes()
+            return
+        if not self.continuing and not self._pending:  # each epoch (and each validation) from the start
             self._iterator = iter(self.adapter.get_numpy_iterator())
         step = 0
         while self.steps is None or step < self.steps:
             element = self._next()
             if element is None:
+                self._announce(0)
                 break
             data = self._convert(element)
+            self._announce(len(data))
             yield data, np.arange(len(data))
+            step += 1
+
+    def _announce(self, size: int) -> None:
+        if self.feed is not None:
+            self.feed.announce(size)
+
+    def _sizes(self) -> Iterator[tuple[Data, np.ndarray]]:
+        """A stage that reads nothing: batches without arrays, as long as the leader's last."""
+        assert self.feed is not None
+        step = 0
+        while self.steps is None or step < self.steps:
+            size = self.feed.next_size()
+            if size == 0:
+                break
+            yield self._nothing, np.arange(size)
             step += 1
 
 
@@ -198,8 +251,10 @@ def source(
     shuffle=False,
     seed=0,
     steps=None,
+    feed: Feed | None = None,
 ) -> ArraySource | StreamSource:
-    """The source for what the user passed as x (arrays: ArraySource; streams: StreamSource)."""
+    """The source for what the user passed as x (arrays: ArraySource; streams: StreamSource,
+    iterated only where `feed` says this rank reads)."""
     if keras_compat.is_array_like((x, y, sample_weight)):
         data = _prepare(graph, x, y, sample_weight, class_weight, with_targets)
         return ArraySource(data, 32 if batch_size is None else batch_size, shuffle, seed, steps)
@@ -208,7 +263,7 @@ def source(
             f"With x of type {type(x).__name__}, targets and sample weights come from x: do not pass y or "
             "sample_weight."
         )
-    return StreamSource(x, graph, with_targets, steps, class_weight)
+    return StreamSource(x, graph, with_targets, steps, class_weight, feed)
 
 
 def validation_sources(
@@ -221,8 +276,10 @@ def validation_sources(
     seed: int,
     steps: int | None,
     validation_steps: int | None,
+    feed: Feed | None = None,
 ):
-    """(training source, validation source or None) for fit's validation arguments."""
+    """(training source, validation source or None) for fit's validation arguments. A
+    validation split views the arrays' rows (no copy)."""
     if not 0.0 <= validation_split < 1.0:
         raise ConfigError(f"validation_split must be in [0, 1), got {validation_split}.")
     if validation_split and validation_data is None:
@@ -236,9 +293,9 @@ def validation_sources(
             raise ConfigError(
                 f"validation_split={validation_split} leaves no training or no validation samples out of {len(data)}."
             )
-        train = ArraySource(data.take(np.arange(cut)), train.batch_size, shuffle, seed, steps)
+        train = ArraySource(data.take(slice(0, cut)), train.batch_size, shuffle, seed, steps)
         return train, ArraySource(
-            data.take(np.arange(cut, len(data))), batch_size or train.batch_size, steps_per_epoch=validation_steps
+            data.take(slice(cut, len(data))), batch_size or train.batch_size, steps_per_epoch=validation_steps
         )
     if validation_data is None:
         return train, None
@@ -248,8 +305,9 @@ def validation_sources(
                 "validation_data must be (x, y), (x, y, sample_weight), a dataset, PyDataset or generator."
             )
         vx, vy, *vsw = validation_data
-        return train, source(graph, vx, vy, vsw[0] if vsw else None, None, batch_size, True, steps=validation_steps)
-    return train, source(graph, validation_data, None, None, None, batch_size, True, steps=validation_steps)
+        sw = vsw[0] if vsw else None
+        return train, source(graph, vx, vy, sw, None, batch_size, True, steps=validation_steps, feed=feed)
+    return train, source(graph, validation_data, None, None, None, batch_size, True, steps=validation_steps, feed=feed)
 
 
 def shapes(data: Data) -> list:

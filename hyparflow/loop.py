@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,22 +20,47 @@ from hyparflow.session import Session
 OnBatch = Callable[[int, "dict[str, float] | None"], None]
 
 
-def reduce_logs(
-    session: Session, loss_sum: float, parts_sum: np.ndarray, seen: int, prefix: str = ""
-) -> dict[str, float]:
-    """Loss and metric states summed over the world (one allreduce); equal on every rank."""
+@dataclass
+class BatchLogs:
+    """Who reads per-step logs in a `run_epoch`, as the ranks agreed (see `callbacks`).
+
+    `lagged`: only progress bars read them, which show the newest values (Keras's `Progbar`
+    renders at most every 0.05 s): each step's sums then start reducing without a wait and
+    reach the bar as the next step's reduction starts, and no rank waits on a per-step stop
+    decision (a bar never stops training). Otherwise every step's logs are reduced before
+    its batch-end hooks run, and the ranks agree on stopping after them. `reads`: this rank
+    calls the hooks (with `lagged`, only the ranks holding a bar)."""
+
+    call: OnBatch
+    lagged: bool = False
+    reads: bool = True
+
+
+def _local_sums(session: Session, loss_sum: float, parts_sum: np.ndarray) -> np.ndarray:
     obj = session.objective
     assert obj is not None
-    local = np.concatenate([[loss_sum], parts_sum, obj.metric_state(session.stage.model_outputs)])
-    total = world_sum(session, local, "log aggregation")
+    return np.concatenate([[loss_sum], parts_sum, obj.metric_state(session.stage.model_outputs)])
+
+
+def _logs(session: Session, total: np.ndarray, nout: int, seen: int, prefix: str) -> dict[str, float]:
+    """Keras's logs from world-summed loss, per-output losses and metric states."""
+    obj = session.objective
+    assert obj is not None
     logs = {f"{prefix}loss": total[0] / max(seen, 1)}
-    nout = len(parts_sum)
     if nout > 1:
         for name, v in zip(obj.names, total[1 : 1 + nout]):
             logs[f"{prefix}{name}_loss"] = v / max(seen, 1)
     for k, v in obj.metric_results(total[1 + nout :]).items():
         logs[prefix + k] = v
     return {k: float(v) for k, v in logs.items()}
+
+
+def reduce_logs(
+    session: Session, loss_sum: float, parts_sum: np.ndarray, seen: int, prefix: str = ""
+) -> dict[str, float]:
+    """Loss and metric states summed over the world (one allreduce); equal on every rank."""
+    total = world_sum(session, _local_sums(session, loss_sum, parts_sum), "log aggregation")
+    return _logs(session, total, len(parts_sum), seen, prefix)
 
 
 def world_sum(session: Session, local: np.ndarray, what: str, op: str = "sum") -> np.ndarray:
@@ -53,26 +79,70 @@ def agree_to_stop(session: Session) -> bool:
     return bool(stop)
 
 
+class _Lagged:
+    """The step sums of `BatchLogs.lagged`, reducing while the next step runs."""
+
+    def __init__(self, session: Session, hook: BatchLogs, nout: int, prefix: str):
+        self.session, self.hook, self.nout, self.prefix = session, hook, nout, prefix
+        self.inflight: tuple | None = None  # (step, samples seen, send buffer, sum buffer, requests)
+
+    def push(self, step: int, local: np.ndarray, seen: int) -> None:
+        """Start reducing step `step`'s sums; hand the previous step's to the bar."""
+        self._deliver()
+        total = np.empty_like(local)
+        self.inflight = (step, seen, local, total, self.session.transport.iallreduce(local, total))
+
+    def _wait(self) -> tuple[int, int, np.ndarray]:
+        assert self.inflight is not None
+        step, seen, _, total, requests = self.inflight
+        self.inflight = None
+        with phase("allreduce (log aggregation)"):
+            self.session.transport.wait(requests, "log aggregation")
+        return step, seen, total
+
+    def _deliver(self) -> None:
+        if self.inflight is not None:
+            step, seen, total = self._wait()
+            if self.hook.reads:
+                self.hook.call(step, _logs(self.session, total, self.nout, seen, self.prefix))
+
+    def finish(self, last: int) -> dict[str, float] | None:
+        """At the epoch's end: the logs of step `last` if its sums are in flight (they are the
+        epoch's), on every rank; else None after handing the bar what is in flight."""
+        if self.inflight is None or self.inflight[0] != last:
+            self._deliver()
+            return None
+        step, seen, total = self._wait()
+        logs = _logs(self.session, total, self.nout, seen, self.prefix)
+        if self.hook.reads:
+            self.hook.call(step, logs)
+        return logs
+
+
 def run_epoch(
     session: Session,
     batches: Iterable[tuple[Data, np.ndarray]],
     train: bool,
-    on_batch: OnBatch | None = None,
+    on_batch: BatchLogs | None = None,
     prefix: str = "",
 ) -> dict[str, float]:
     """One pass over `batches` (global batches); returns the reduced logs. With `on_batch`,
-    logs are reduced and the ranks agree on stopping after every `steps_per_execution`
-    steps, where Keras calls batch callbacks."""
+    logs are reduced after every `steps_per_execution` steps, where Keras calls batch
+    callbacks (see `BatchLogs` for when they wait and when the ranks agree on stopping)."""
     executor, obj = session.executor_or_fail(), session.objective
     assert obj is not None
     per_call = max(int(getattr(session.model, "steps_per_execution", 1) or 1), 1)
     obj.reset_metrics()
-    loss_sum, parts_sum, seen = 0.0, np.zeros(len(session.plan.graph.output_names)), 0
-    logs: dict[str, float] = {}
+    nout = len(session.plan.graph.output_names)
+    loss_sum, parts_sum, seen = 0.0, np.zeros(nout), 0
+    exact = on_batch is not None and not on_batch.lagged
+    lagged = _Lagged(session, on_batch, nout, prefix) if on_batch is not None and on_batch.lagged else None
+    logs: dict[str, float] | None = None
     step, pending = -1, False  # pending: a group of steps began whose end was not reported yet
     for step, (data, idx) in enumerate(batches):
         if on_batch is not None and step % per_call == 0:
-            on_batch(step, None)
+            if exact:
+                on_batch.call(step, None)
             pending = True
         micro, norm = session.micro_batches(data, idx)
         if train:
@@ -82,17 +152,23 @@ def run_epoch(
         loss_sum += loss * len(idx)
         parts_sum += parts * len(idx)
         seen += len(idx)
-        if on_batch is not None and (step + 1) % per_call == 0:
-            pending = False
-            logs = reduce_logs(session, loss_sum, parts_sum, seen, prefix)
-            on_batch(step, logs)
-            if train and agree_to_stop(session):
-                break
-    logs = (
-        reduce_logs(session, loss_sum, parts_sum, seen, prefix) if (on_batch is None or pending or not logs) else logs
-    )
-    if on_batch is not None and pending:
-        on_batch(step, logs)
+        if on_batch is None or (step + 1) % per_call:
+            continue
+        pending = False
+        if lagged is not None:
+            lagged.push(step, _local_sums(session, loss_sum, parts_sum), seen)
+            continue
+        assert on_batch is not None
+        logs = reduce_logs(session, loss_sum, parts_sum, seen, prefix)
+        on_batch.call(step, logs)
+        if train and agree_to_stop(session):
+            break
+    if lagged is not None:
+        logs = lagged.finish(step)
+    if logs is None or pending:
+        logs = reduce_logs(session, loss_sum, parts_sum, seen, prefix)
+    if on_batch is not None and pending and on_batch.reads:
+        on_batch.call(step, logs)
     return logs
 
 

@@ -213,12 +213,16 @@ class Objective:
             mask = valid if mask is None else mask & valid
         return mask
 
-    def divisors(self, xs: list[np.ndarray], ys: list, sws: list, idx: np.ndarray) -> np.ndarray:
+    def divisors(
+        self, xs: list[np.ndarray], ys: list, sws: list, idx: np.ndarray, positions: Sequence[int] | None = None
+    ) -> np.ndarray:
         """Per output, the quantity of global batch `idx` that `stage_loss` divides by:
         the sample count, the count of unmasked elements, the sum of the (masked) sample
-        weights, or 1 for `sum`. Computed the same way on every rank, before the step."""
+        weights, or 1 for `sum`. Computed the same way, before the step, on every rank that
+        computes the loss of an output in `positions` (default: all; the others stay 1)."""
         out = np.ones(len(self.losses), np.float64)
-        for pos, (fn, red) in enumerate(zip(self.losses, self.reductions)):
+        for pos in range(len(self.losses)) if positions is None else positions:
+            fn, red = self.losses[pos], self.reductions[pos]
             if fn is None or not self.counted[pos]:
                 continue
             mask = self._global_mask(pos, xs, ys[pos], idx)

@@ -171,7 +171,7 @@ class Session:
             )
             for p in self._cut(shares[self.grid.replica])
         ]
-        divisors = self.objective.divisors(data.x, data.y, data.sw, idx)
+        divisors = self.objective.divisors(data.x, data.y, data.sw, idx, st.model_outputs)
         total_micro = sum(min(self.M, len(s)) for s in shares)
         if timeline is not None:
             timeline.add("prepare micro-batches", "data", t0)

@@ -20,6 +20,7 @@ from hyparflow.callbacks import Callbacks
 from hyparflow.checkpoint import gather_stages
 from hyparflow.errors import ConfigError
 from hyparflow.failures import distributed, phase
+from hyparflow.feed import Feed
 from hyparflow.graph import np_dtype
 from hyparflow.session import Session, open_session
 from hyparflow.settings import positive_int, switch
@@ -154,7 +155,10 @@ def fit(
     recompute = switch("recompute", recompute)
     session = open_session(model, comm, layout, balance, memory_limit, announce=True)
     graph, transport = session.plan.graph, session.transport
-    train = inputs.source(graph, x, y, sample_weight, class_weight, batch_size, True, shuffle, seed, steps_per_epoch)
+    feed = Feed.of(session, with_targets=True)
+    train = inputs.source(
+        graph, x, y, sample_weight, class_weight, batch_size, True, shuffle, seed, steps_per_epoch, feed=feed
+    )
     train, val = inputs.validation_sources(
         graph,
         train,
@@ -165,6 +169,7 @@ def fit(
         seed,
         steps_per_epoch,
         validation_steps,
+        feed,
     )
     if transport.rank != 0:  # before the stage's accumulators are made
         checkpoint.release_other_stages(session.plan, transport, memory.HINTS[gather])
@@ -179,7 +184,7 @@ def fit(
         seed,
         validation_split,
         train.steps,
-        inputs.shapes(train.first),
+        train.signature,
         val is not None,
         resume_from is not None,
         checkpoint_dir is not None,
@@ -253,7 +258,10 @@ def evaluate(
     if batch_size is not None:
         batch_size = positive_int("batch_size", batch_size, what=" (the global batch)")
     session = open_session(model, comm, _layout(num_partitions, num_replicas, num_microbatches), balance)
-    data = inputs.source(session.plan.graph, x, y, sample_weight, None, batch_size, True, steps=_steps("steps", steps))
+    feed = Feed.of(session, with_targets=True)
+    data = inputs.source(
+        session.plan.graph, x, y, sample_weight, None, batch_size, True, steps=_steps("steps", steps), feed=feed
+    )
     session.start(data.first)
     cbs = Callbacks(session, callbacks, _verbose(verbose, session.transport.rank), "test", 1, data.steps)
     with distributed(session.transport):
@@ -287,7 +295,10 @@ def predict(
     if batch_size is not None:
         batch_size = positive_int("batch_size", batch_size, what=" (the global batch)")
     session = open_session(model, comm, _layout(num_partitions, num_replicas, num_microbatches), balance)
-    data = inputs.source(session.plan.graph, x, None, None, None, batch_size, False, steps=_steps("steps", steps))
+    feed = Feed.of(session, with_targets=False)
+    data = inputs.source(
+        session.plan.graph, x, None, None, None, batch_size, False, steps=_steps("steps", steps), feed=feed
+    )
     session.start(data.first, need_loss=False)
     cbs = Callbacks(session, callbacks, _verbose(verbose, session.transport.rank), "predict", 1, data.steps)
     chunks: list[list[np.ndarray]] = [[] for _ in session.plan.graph.output_tensors]

@@ -297,6 +297,15 @@ class Transport:
             return
         self.wait([comm.Iallreduce(send, recv, op=_OPS[op])], what)
 
+    def iallreduce(self, send: np.ndarray, recv: np.ndarray, group: str = "world") -> list:
+        """Start summing `send` over `group` into `recv`; complete the returned requests with
+        `wait` (none when the group is this rank alone: `recv` is filled at once)."""
+        comm = self._group(group)
+        if comm.Get_size() == 1:
+            recv[...] = send
+            return []
+        return [comm.Iallreduce(send, recv, op=MPI.SUM)]
+
     def bcast_array(self, buffer: np.ndarray, root: int, what: str) -> None:
         """Broadcast `buffer` from world rank `root` (in place)."""
         if self.size > 1:

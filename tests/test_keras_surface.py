@@ -168,3 +168,41 @@ def test_a_second_fit_reuses_the_session_and_a_new_layout_or_compile_does_not():
     model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     hf.fit(model, X, Y, batch_size=16, verbose=0, num_microbatches=2)
     assert _SESSIONS[model][1] is not second, "a recompiled model gets a new session"
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_progress_bar_shows_keras_values_with_no_per_step_stop_agreement(monkeypatch, steps_per_execution):
+    """With only the progress bar reading batches, the logs reach it a step late (no rank waits
+    for them) and no rank waits on a per-step stop decision; the bar gets every value Keras's gets."""
+    from keras.src.utils.progbar import Progbar
+
+    from hyparflow import loop
+
+    shown: list = []
+    update = Progbar.update
+    monkeypatch.setattr(
+        Progbar,
+        "update",
+        lambda bar, cur, values=None, finalize=None: (
+            shown.append((cur, dict(values or []), finalize)),
+            update(bar, cur, values, finalize),
+        )[1],
+    )
+    stops: list = []
+    agree = loop.agree_to_stop
+    monkeypatch.setattr(loop, "agree_to_stop", lambda session: (stops.append(1), agree(session))[1])
+
+    def mlp_every(n):
+        model = mlp()
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss=model.loss, metrics=["accuracy"], steps_per_execution=n)
+        return model
+
+    kw = dict(batch_size=8, epochs=2, shuffle=False, verbose=1, validation_data=(X[:16], Y[:16]))
+    models = [mlp_every(steps_per_execution) for _ in range(4)]
+    loopback.run(4, lambda comm: hf.fit(models[comm.Get_rank()], X, Y, num_partitions=2, comm=comm, **kw))
+    ours, shown[:] = list(shown), []
+    mlp_every(steps_per_execution).fit(X, Y, **kw)
+    assert len(stops) == 4 * 2, "one stop decision per epoch on each of 4 ranks, none per step"
+    assert [(c, f) for c, _, f in ours] == [(c, f) for c, _, f in shown], "the same bar updates as Keras's"
+    for (_, mine, _), (_, theirs, _) in zip(ours, shown):
+        assert mine == pytest.approx(theirs, rel=1e-5, abs=1e-6)

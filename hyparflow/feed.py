@@ -1,0 +1,78 @@
+"""Which ranks read the data, and how the others learn each step's batch size.
+
+A stage reads when it consumes model inputs, or (when the call has targets) computes a
+model output's loss from targets and sample weights. Only reading ranks iterate a stream
+(tf.data, PyDataset, generator); a stage that reads nothing (a middle stage of a pipeline)
+needs only each global batch's size, which sets its micro-batch sizes. Its replica's lowest
+reading stage, the leader, sends it that size in a one-number message as it pulls each
+batch, and a zero when the stream ends (so a stream of unknown length ends on the same step
+everywhere). Before the first step, the lowest reading world rank shares the stream's step
+count, the first batch's shapes and a two-sample slice of it (for the loss and metric set-up)
+with every rank, once per source. Without non-reading stages none of this happens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hyparflow.errors import ConfigError
+from hyparflow.transport import Transport
+
+SIZE_TAG = 30_200  # pipe tag of the batch-size messages (the executor's tags are small even numbers and their +1)
+
+
+@dataclass(frozen=True)
+class Feed:
+    """This rank's part in reading the data for one call."""
+
+    transport: Transport
+    reads: bool  # this rank iterates streams
+    leader: int  # the lowest reading stage of this replica: it sends batch sizes to `followers`
+    followers: tuple[int, ...]  # stages of this replica that read nothing
+    root: int  # the lowest reading world rank: it shares a stream's first batch when anyone follows
+    anyone_follows: bool  # whether any replica has a stage that reads nothing
+
+    @classmethod
+    def of(cls, session, with_targets: bool) -> Feed:
+        """The roles for a call on `session` that reads targets or not (predict does not)."""
+        stages = session.plan.stages
+        reading = [bool(st.data_inputs) or (with_targets and bool(st.model_outputs)) for st in stages]
+        if not any(reading):
+            raise ConfigError("No stage reads the model's inputs: the plan has nothing to feed.")
+        grid = session.grid
+        world_readers = [rank for row in grid.ranks for s, rank in enumerate(row) if reading[s]]
+        return cls(
+            transport=session.transport,
+            reads=reading[grid.stage],
+            leader=reading.index(True),
+            followers=tuple(s for s, r in enumerate(reading) if not r),
+            root=min(world_readers),
+            anyone_follows=not all(reading),
+        )
+
+    @property
+    def leads(self) -> bool:
+        return self.reads and self.transport.grid is not None and self.transport.grid.stage == self.leader
+
+    def share(self, info: Any) -> Any:
+        """`info` as computed on the root reader, on every rank; unchanged when no rank follows."""
+        return self.transport.bcast(info, root=self.root) if self.anyone_follows else info
+
+    def announce(self, size: int) -> None:
+        """Leader: tell this replica's followers the next global batch's size (0: the end)."""
+        if not self.followers or not self.leads:
+            return
+        message = np.full(1, size, np.int64)
+        requests = [self.transport.isend(message, s, SIZE_TAG) for s in self.followers]
+        self.transport.wait(requests, "batch sizes to stages that read no data")
+
+    def next_size(self) -> int:
+        """Follower: the next global batch's size from the leader (0: the stream ended)."""
+        message = np.zeros(1, np.int64)
+        self.transport.wait(
+            [self.transport.irecv(message, self.leader, SIZE_TAG)], "the next batch's size", stage=self.leader
+        )
+        return int(message[0])
