@@ -90,8 +90,9 @@ class StageCompute:
         self.fused = not self.send_float
         # Set by each fit call; meaningless for a fused stage: its backward follows its forward at once.
         self.recompute = False
-        trainable = {id(v) for v in self.variables}
-        self.state = [v for v in st.variables if id(v) not in trainable]  # what a training forward may change
+        # What a training forward may change (seed states, BatchNorm statistics): variables
+        # created non-trainable. A frozen layer's weights stay trainable variables and are left out.
+        self.state = [v for v in st.variables if not v.trainable]
         self.acc = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in self.variables]
         self._build()
 
