@@ -22,8 +22,10 @@ import keras
 
 from hyparflow.errors import ConfigError
 from hyparflow.launch import Launch
+from hyparflow.placement import node_cores, split_cores
 
 RESULT_TAG = "HYPARFLOW_BENCH_RESULT "
+KERAS = "keras model.fit (1 process)"
 
 
 # ---- workers (run inside the launched jobs) ------------------------------------------
@@ -337,29 +339,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _parse_configs(text: str) -> list[dict]:
     out = []
     for item in filter(None, text.split(",")):
-        grid, _, schedule = item.partition(":")
+        spec, *settings = item.split("+")
+        grid, _, schedule = spec.partition(":")
+        env = dict(kv.partition("=")[::2] for kv in settings)
         try:
             P, R, M = (int(v) for v in grid.lower().split("x"))
         except ValueError:
-            raise ConfigError(f"--configs item {item!r}: expected PxRxM, e.g. 2x1x8 or 2x1x8:gpipe") from None
-        out.append(
-            {
-                "name": f"hyparflow P={P} R={R} M={M} {schedule or '1f1b'}",
-                "P": P,
-                "R": R,
-                "M": M,
-                "schedule": schedule or "1f1b",
-            }
-        )
+            raise ConfigError(
+                f"--configs item {item!r}: expected PxRxM[:schedule][+VAR=value...], e.g. 2x1x8, 2x1x8:gpipe or "
+                "2x1x8+HYPARFLOW_WAIT=spin"
+            ) from None
+        if not all(k.startswith("HYPARFLOW_") and v for k, v in env.items()):
+            raise ConfigError(f"--configs item {item!r}: settings must read +HYPARFLOW_NAME=value")
+        suffix = "".join(f" {k[len('HYPARFLOW_') :].lower()}={v}" for k, v in env.items())
+        name = f"hyparflow P={P} R={R} M={M} {schedule or '1f1b'}{suffix}"
+        out.append({"name": name, "P": P, "R": R, "M": M, "schedule": schedule or "1f1b", "env": env})
     return out
 
 
-def _run(np_: int, kind: str, args, extra: list[str]) -> dict:
+def _run(np_: int, kind: str, args, extra: list[str], env: dict[str, str] | None = None) -> dict:
     cmd = [sys.executable, "-m", "hyparflow.bench", kind, "--model", args.model, "--batch-size", str(args.batch_size),
            "--steps", str(args.steps), "--windows", str(args.windows), "--warmup", str(args.warmup),
            "--epochs", str(args.epochs),
            *(["--balance", args.balance] if args.balance else []), *extra]  # fmt: skip
-    job = Launch(np=np_, command=cmd)
+    job = Launch(np=np_, command=cmd, settings=dict(env or {}))
     proc = subprocess.run(job.argv(), env=job.environment(), capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
@@ -367,19 +370,36 @@ def _run(np_: int, kind: str, args, extra: list[str]) -> dict:
     raise RuntimeError(f"benchmark job {' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
+def _rank_threads(ranks: int) -> int:
+    """Threads each of `ranks` ranks on this node gets (placement.configure_threads's share)."""
+    return len(split_cores(node_cores(), ranks, 0))
+
+
+def _keras_with_threads(threads: int) -> dict[str, Any]:
+    """Plain Keras in one process restricted to `threads` threads: what one pipeline rank gets,
+    so the bubble-bound ideal compares like with like."""
+    env = {"TF_NUM_INTRAOP_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": "1"}
+    return {"name": f"{KERAS} with {threads} thread{'s' * (threads > 1)}", "kind": "keras", "np": 1, "extra": [],
+            "threads": threads, "env": {**env, "HYPARFLOW_AUTO_THREADS": ""}}  # fmt: skip
+
+
 def main(args) -> int:
-    variants: list[dict[str, Any]] = [{"name": "keras model.fit (1 process)", "kind": "keras", "np": 1, "extra": []}]
+    variants: list[dict[str, Any]] = [{"name": KERAS, "kind": "keras", "np": 1, "extra": []}]
     variants.append(
         {"name": f"data-parallel baseline ({args.dp_ranks} ranks)", "kind": "dp", "np": args.dp_ranks, "extra": []}
     )
-    for c in _parse_configs(args.configs):
+    configs = _parse_configs(args.configs)
+    full = _rank_threads(1)
+    for threads in sorted({_rank_threads(c["P"] * c["R"]) for c in configs if c["P"] > 1} - {full}):
+        variants.append(_keras_with_threads(threads))
+    for c in configs:
         extra = ["--P", str(c["P"]), "--M", str(c["M"]), "--schedule", c["schedule"]]
-        variants.append({"name": c["name"], "kind": "hyparflow", "np": c["P"] * c["R"], "extra": extra, **c})
+        variants.append({"kind": "hyparflow", "np": c["P"] * c["R"], "extra": extra, **c})
     runs: dict[str, list[dict]] = {v["name"]: [] for v in variants}
     for round_ in range(args.repeats):  # alternate variants so drift hits all alike
         for v in variants:
             print(f"[round {round_ + 1}/{args.repeats}] {v['name']} ...", flush=True)
-            runs[v["name"]].append(_run(v["np"], v["kind"], args, v["extra"]))
+            runs[v["name"]].append(_run(v["np"], v["kind"], args, v["extra"], v.get("env", {})))
     report = _report(variants, runs, args)
     if args.comm_sizes:
         sizes = [s for s in args.comm_sizes.split(",") if s]
@@ -400,14 +420,18 @@ def _report(variants, runs, args) -> dict:
     rows = []
     keras_tp = dp_tp = None
     single_step = None
+    throughput = {name: statistics.median(w for r in rs for w in r["throughput"]) for name, rs in runs.items()}
+    # Keras's step time by its threads per process
+    step_with = {v.get("threads", _rank_threads(1)): args.batch_size / throughput[v["name"]] for v in variants
+                 if v["kind"] == "keras"}  # fmt: skip
     for v in variants:
         samples = [w for r in runs[v["name"]] for w in r["throughput"]]
-        tp = statistics.median(samples)
+        tp = throughput[v["name"]]
         row = {"name": v["name"], "ranks": v["np"], "throughput": tp, "windows": samples,
                "peak_mb": max(m for r in runs[v["name"]] for m in (r["peak_mb"] or [0]))}  # fmt: skip
         if v["kind"] in ("keras", "hyparflow"):
             row.update(_call_timings(runs[v["name"]]))
-        if v["kind"] == "keras":
+        if v["kind"] == "keras" and "threads" not in v:
             keras_tp = tp
             single_step = args.batch_size / tp
         if v["kind"] == "dp":
@@ -420,9 +444,14 @@ def _report(variants, runs, args) -> dict:
             if P > 1:
                 busy = [s["compute"] / s["wall"] for s in stages if s["wall"] > 0]
                 row["bubble_measured"] = 1 - statistics.mean(busy) if busy else None
-                ideal = single_step / P * (M + P - 1) / M
-                row["ideal_step_s"] = ideal
-                row["efficiency_vs_bubble_bound"] = ideal / (args.batch_size / tp)
+                # The bubble-bound ideal: Keras's step split over P stages, plus the fill and drain
+                # of (P - 1) micro-batches; Keras measured with the threads one rank gets, and
+                # (`..._all_cores`) with every core, which P ranks sharing those cores cannot reach.
+                threads = _rank_threads(P * v["R"])
+                step = args.batch_size / tp
+                ideal = step_with.get(threads, single_step) / P * (M + P - 1) / M
+                row.update(ideal_step_s=ideal, efficiency_vs_bubble_bound=ideal / step, ideal_threads=threads)
+                row["efficiency_vs_bubble_bound_all_cores"] = single_step / P * (M + P - 1) / M / step
         rows.append(row)
     keras_bar = next((r["progress_bar_cost"] for r in rows if r["name"] == variants[0]["name"]), None)
     for row in rows:
@@ -459,11 +488,16 @@ def _print(report: dict) -> None:
         for s in r.get("stages", []):
             wall = s["wall"] or 1
             print(
-                f"{'':<6}stage {s['stage']} replica {s['replica']}: compute {s['compute'] / wall:.0%}, waiting on "
-                f"peers {s['wait'] / wall:.0%}, allreduce {s['allreduce'] / wall:.0%}"
+                f"{'':<6}stage {s['stage']} replica {s['replica']}: compute {s['compute'] / wall:.0%} (CPU/wall "
+                f"{s.get('compute_cpu', 0) / (s['compute'] or 1):.0%}), waiting on peers "
+                f"{s['wait'] / wall:.0%}, allreduce {s['allreduce'] / wall:.0%}"
             )
         if r.get("efficiency_vs_bubble_bound") is not None:
-            print(f"{'':<6}step time vs bubble-bound ideal: {r['efficiency_vs_bubble_bound']:.2f}")
+            print(
+                f"{'':<6}step time vs bubble-bound ideal: {r['efficiency_vs_bubble_bound']:.2f} (Keras with "
+                f"{r['ideal_threads']} thread(s), as one rank); {r['efficiency_vs_bubble_bound_all_cores']:.2f} "
+                f"(Keras with all {report['cores']} cores)"
+            )
     _print_calls(report["rows"])
     for size, c in report.get("comm", {}).items():
         print(

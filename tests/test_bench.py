@@ -6,6 +6,7 @@ with a previous run (no timing asserts)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from test_cli import hyparflow
@@ -30,20 +31,31 @@ def test_bench_reports_every_variant(tmp_path):
     report = json.loads((tmp_path / "bench.json").read_text())
     names = [r["name"] for r in report["rows"]]
     assert names[0].startswith("keras model.fit") and names[1].startswith("data-parallel baseline")
-    assert names[2:] == ["hyparflow P=1 R=1 M=1 1f1b", "hyparflow P=2 R=1 M=2 gpipe"]
+    # Keras again with the threads one rank of the 2-rank pipeline gets (its bubble-bound ideal's reference)
+    share = max(1, (os.cpu_count() or 1) // 2)
+    thread_rows = (
+        [f"keras model.fit (1 process) with {share} thread{'s' * (share > 1)}"] if share < os.cpu_count() else []
+    )
+    assert names[2:] == [*thread_rows, "hyparflow P=1 R=1 M=1 1f1b", "hyparflow P=2 R=1 M=2 gpipe"]
     assert report["rows"][1]["backend"] in ("horovod", "mpi4py")
     for row in report["rows"]:
         assert row["throughput"] > 0 and len(row["windows"]) == 2 and row["vs_keras"] > 0 and row["peak_mb"] > 0
-    keras_row, dp_row, *hf_rows = report["rows"]
-    for row in [keras_row, *hf_rows]:  # Keras and hyparflow timed as whole calls too
+    keras_row, dp_row, *rest = report["rows"]
+    hf_rows = rest[len(thread_rows) :]
+    for row in [keras_row, *rest]:  # Keras and hyparflow timed as whole calls too
         assert all(row[k] > 0 for k in CALL_TIMINGS), row
         assert row["progress_bar_cost"] == pytest.approx(1 - row["throughput_verbose"] / row["throughput_epochs"])
     assert not any(k in dp_row for k in CALL_TIMINGS)  # the hand-written DP loop has no fit calls
     for row in hf_rows:  # each hyparflow row's bar cost is set against Keras's
         bar_cost = row["progress_bar_cost"] - keras_row["progress_bar_cost"]
         assert row["progress_bar_cost_vs_keras"] == pytest.approx(bar_cost)
-    pipe = report["rows"][3]
+    pipe = hf_rows[1]
     assert pipe["bubble_bound"] == pytest.approx(1 / 3)
+    reference = rest[0] if thread_rows else keras_row
+    ideal = 32 / reference["throughput"] / 2 * 3 / 2  # Keras's step with one rank's threads / P x (M + P - 1) / M
+    assert pipe["ideal_step_s"] == pytest.approx(ideal) and pipe["ideal_threads"] == share
+    assert pipe["efficiency_vs_bubble_bound"] == pytest.approx(ideal * pipe["throughput"] / 32)
+    assert all(0 < s["compute_cpu"] for s in pipe["stages"])
     assert sorted(s["stage"] for s in pipe["stages"]) == [0, 1]
     assert all(s["compute"] > 0 and s["wall"] > 0 for s in pipe["stages"])
     assert set(report["comm"]["1.0"]) == {
