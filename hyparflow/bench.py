@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -48,35 +49,44 @@ def _model_and_data(args):
 
 
 class _StepClock(keras.callbacks.Callback):
-    """Times windows of `steps` batches after `warmup` batches (`marks`)."""
+    """Times windows of `steps` batches after `warmup` batches (`marks`; `cpu_marks`: this
+    process's CPU seconds at the same moments)."""
 
     def __init__(self, warmup: int, steps: int):
         super().__init__()
         self.warmup, self.steps = warmup, steps
         self.marks: list[float] = []
+        self.cpu_marks: list[float] = []
         self.batch = 0
 
     def on_train_batch_end(self, batch, logs=None):
         self.batch += 1
         if self.batch >= self.warmup and (self.batch - self.warmup) % self.steps == 0:
             self.marks.append(time.perf_counter())
+            self.cpu_marks.append(time.process_time())
 
 
 def _windows(marks: list[float], steps: int, batch_size: int) -> list[float]:
     return [steps * batch_size / (b - a) for a, b in zip(marks, marks[1:])]
 
 
+def _cpu_per_step(cpu_marks: list[float], total) -> float:
+    """CPU seconds per timed step, summed over the job's ranks by `total`: the work a step
+    costs whatever share of the cores other processes leave it."""
+    return total((cpu_marks[-1] - cpu_marks[0]) / max(len(cpu_marks) - 1, 1)) if cpu_marks else float("nan")
+
+
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _fit_calls(fit, args, slowest, first_callbacks=()) -> dict:
+def _fit_calls(fit, args, slowest, first_callbacks=(), total=lambda seconds: seconds) -> dict:
     """The same fit calls on one model, for plain Keras and hyparflow alike: the first, timed in
     per-step windows after warm-up; a second, stopped after its first batch, timing its start-up
     (from the call to the end of that batch: what reusing the first call's work costs); then two
     timed as whole calls of `--epochs` epochs, with the progress bar off (verbose=0) and on
     (verbose=1). `fit(epochs, verbose, callbacks)` makes one call; `slowest` takes the maximum of
-    a duration over the job's ranks."""
+    a duration over the job's ranks, `total` their sum."""
     clock = _StepClock(args.warmup, args.steps)
     fit(epochs=1, verbose=0, callbacks=[clock, *first_callbacks])
     first = _FirstBatch()
@@ -91,6 +101,7 @@ def _fit_calls(fit, args, slowest, first_callbacks=()) -> dict:
         by_epochs.append(samples / slowest(time.perf_counter() - t0))
     return {
         "throughput": _windows(clock.marks, args.steps, args.batch_size),
+        "cpu_s_per_step": [_cpu_per_step(clock.cpu_marks, total) / args.steps],
         "second_fit_startup_s": [startup],
         "throughput_epochs": [by_epochs[0]],
         "throughput_verbose": [by_epochs[1]],
@@ -149,7 +160,7 @@ def worker_dp(args) -> dict:
         parts = tf.split(flat, [int(np.prod(v.shape)) for v in variables])
         opt.apply([tf.reshape(p, v.shape) for p, v in zip(parts, variables)], variables)
 
-    marks = []
+    marks, cpu_marks = [], []
     for step in range(args.warmup + args.windows * args.steps):
         lo = step * args.batch_size + rank * local
         g = grads_of(x[lo : lo + local], y[lo : lo + local])
@@ -164,8 +175,10 @@ def worker_dp(args) -> dict:
         if step + 1 >= args.warmup and (step + 1 - args.warmup) % args.steps == 0:
             world.Barrier()
             marks.append(time.perf_counter())
+            cpu_marks.append(time.process_time())
     return {
         "throughput": _windows(marks, args.steps, args.batch_size),
+        "cpu_s_per_step": [_cpu_per_step(cpu_marks, lambda s: world.allreduce(s, op=MPI.SUM)) / args.steps],
         "backend": backend,
         "peak_mb": world.gather(_peak_mb(), root=0),
     }
@@ -194,7 +207,9 @@ def worker_hyparflow(args) -> dict:
             **kw,
         )
 
-    calls = _fit_calls(fit, args, lambda seconds: world.allreduce(seconds, op=MPI.MAX), [timers])
+    calls = _fit_calls(
+        fit, args, lambda s: world.allreduce(s, op=MPI.MAX), [timers], lambda s: world.allreduce(s, op=MPI.SUM)
+    )
     return {**calls, "peak_mb": world.gather(_peak_mb(), root=0), "stages": world.gather(timers.result, root=0)}
 
 
@@ -347,7 +362,7 @@ def _parse_configs(text: str) -> list[dict]:
         except ValueError:
             raise ConfigError(
                 f"--configs item {item!r}: expected PxRxM[:schedule][+VAR=value...], e.g. 2x1x8, 2x1x8:gpipe or "
-                "2x1x8+HYPARFLOW_WAIT=spin"
+                "2x1x8+HYPARFLOW_TIMELINE=t.json"
             ) from None
         if not all(k.startswith("HYPARFLOW_") and v for k, v in env.items()):
             raise ConfigError(f"--configs item {item!r}: settings must read +HYPARFLOW_NAME=value")
@@ -424,10 +439,13 @@ def _report(variants, runs, args) -> dict:
     # Keras's step time by its threads per process
     step_with = {v.get("threads", _rank_threads(1)): args.batch_size / throughput[v["name"]] for v in variants
                  if v["kind"] == "keras"}  # fmt: skip
+    cpu_with = {v.get("threads", _rank_threads(1)): statistics.median(r["cpu_s_per_step"][0] for r in runs[v["name"]])
+                for v in variants if v["kind"] == "keras"}  # fmt: skip
     for v in variants:
         samples = [w for r in runs[v["name"]] for w in r["throughput"]]
         tp = throughput[v["name"]]
         row = {"name": v["name"], "ranks": v["np"], "throughput": tp, "windows": samples,
+               "cpu_s_per_step": statistics.median(r["cpu_s_per_step"][0] for r in runs[v["name"]]),
                "peak_mb": max(m for r in runs[v["name"]] for m in (r["peak_mb"] or [0]))}  # fmt: skip
         if v["kind"] in ("keras", "hyparflow"):
             row.update(_call_timings(runs[v["name"]]))
@@ -452,6 +470,9 @@ def _report(variants, runs, args) -> dict:
                 ideal = step_with.get(threads, single_step) / P * (M + P - 1) / M
                 row.update(ideal_step_s=ideal, efficiency_vs_bubble_bound=ideal / step, ideal_threads=threads)
                 row["efficiency_vs_bubble_bound_all_cores"] = single_step / P * (M + P - 1) / M / step
+                timed = args.windows * args.steps
+                slowest = max(s["compute_cpu"] for s in stages) / timed
+                row["work_efficiency"] = cpu_with.get(threads, math.nan) / P / slowest
         rows.append(row)
     keras_bar = next((r["progress_bar_cost"] for r in rows if r["name"] == variants[0]["name"]), None)
     for row in rows:
@@ -476,14 +497,17 @@ STARTUP_TARGET_S, BAR_COST_MARGIN = 1.0, 0.05
 
 def _print(report: dict) -> None:
     print(f"\n{report['model']}, global batch {report['batch_size']}, {report['cores']} cores")
-    head = f"{'variant':<40} {'ranks':>5} {'samples/s':>10} {'vs keras':>9} {'vs DP':>7} {'bubble':>14} {'peak MB':>8}"
+    head = (
+        f"{'variant':<40} {'ranks':>5} {'samples/s':>10} {'vs keras':>9} {'vs DP':>7} {'bubble':>14} {'peak MB':>8} "
+        f"{'CPU ms/step':>11}"
+    )
     print(head + "\n" + "-" * len(head))
     for r in report["rows"]:
         bubble = f"{r['bubble_measured']:.2f}/{r['bubble_bound']:.2f}" if r.get("bubble_measured") is not None else "-"
         name = r["name"] + (f" [{r['backend']}]" if r.get("backend") else "")
         print(
             f"{name[:40]:<40} {r['ranks']:>5} {r['throughput']:>10.1f} {r['vs_keras']:>9.2f} "
-            f"{r['vs_dp_baseline']:>7.2f} {bubble:>14} {r['peak_mb']:>8.0f}"
+            f"{r['vs_dp_baseline']:>7.2f} {bubble:>14} {r['peak_mb']:>8.0f} {r['cpu_s_per_step'] * 1000:>11.0f}"
         )
         for s in r.get("stages", []):
             wall = s["wall"] or 1
@@ -497,6 +521,10 @@ def _print(report: dict) -> None:
                 f"{'':<6}step time vs bubble-bound ideal: {r['efficiency_vs_bubble_bound']:.2f} (Keras with "
                 f"{r['ideal_threads']} thread(s), as one rank); {r['efficiency_vs_bubble_bound_all_cores']:.2f} "
                 f"(Keras with all {report['cores']} cores)"
+            )
+            print(
+                f"{'':<6}work balance (CPU, free of other processes' load): Keras's CPU per step / P / the slowest "
+                f"stage's compute CPU per step = {r['work_efficiency']:.2f}"
             )
     _print_calls(report["rows"])
     for size, c in report.get("comm", {}).items():

@@ -25,8 +25,6 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from hyparflow.errors import ConfigError
-
 log = logging.getLogger("hyparflow")
 
 # Seconds a rank may wait on a peer before the stall is logged, and before it aborts the
@@ -39,14 +37,6 @@ START_TIMEOUT_S = float(os.environ.get("HYPARFLOW_START_TIMEOUT", "30"))
 CONTROL_TAG = 30_001
 EXITING, GO, HERE = 0, 1, 2
 STAGE_STATE_TAG = 30_100  # + stage: a stage's variables sent to rank 0
-# How a rank waits on a peer's message: "poll" tests it and sleeps between tests (from
-# POLL_MIN_S, doubling up to POLL_MAX_S), leaving the core to the ranks and threads that
-# compute while a pipeline bubble lasts; "spin" blocks in MPI's Waitall, which keeps a core
-# busy for the lowest latency. Collectives always block in Waitall: MPI progresses a
-# non-blocking collective only while it is called, and every member arrives about together.
-WAIT_MODES = ("poll", "spin")
-WAIT_MODE = os.environ.get("HYPARFLOW_WAIT", "poll")
-POLL_MIN_S, POLL_MAX_S = 20e-6, 200e-6
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX}
 
 
@@ -117,14 +107,6 @@ def as_bytes(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
 
 
-def _poll(requests: list) -> None:
-    """Complete MPI `requests` without holding a core (see WAIT_MODE)."""
-    pause = POLL_MIN_S
-    while not MPI.Request.Testall(requests):
-        time.sleep(pause)
-        pause = min(2 * pause, POLL_MAX_S)
-
-
 class Watchdog:
     """One daemon thread per process that notices a wait lasting too long: it logs which
     rank waits for whom and why after HYPARFLOW_STALL_WARN seconds, and aborts the job
@@ -163,8 +145,6 @@ class Transport:
     """
 
     def __init__(self, comm=None):
-        if WAIT_MODE not in WAIT_MODES:
-            raise ConfigError(f"HYPARFLOW_WAIT={WAIT_MODE!r}: expected one of {WAIT_MODES}.")
         self.world = comm if comm is not None else MPI.COMM_WORLD
         self.rank, self.size = self.world.Get_rank(), self.world.Get_size()
         self.grid: Grid | None = None
@@ -340,9 +320,7 @@ class Transport:
         timeline = self.timeline
         t0 = time.perf_counter() if timeline is not None else 0.0
         try:
-            if self.is_mpi and WAIT_MODE == "poll" and rank is not None:
-                _poll(requests)
-            elif self.is_mpi:
+            if self.is_mpi:
                 MPI.Request.Waitall(requests)
             else:
                 for req in requests:

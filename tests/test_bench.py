@@ -40,6 +40,7 @@ def test_bench_reports_every_variant(tmp_path):
     assert report["rows"][1]["backend"] in ("horovod", "mpi4py")
     for row in report["rows"]:
         assert row["throughput"] > 0 and len(row["windows"]) == 2 and row["vs_keras"] > 0 and row["peak_mb"] > 0
+        assert row["cpu_s_per_step"] > 0
     keras_row, dp_row, *rest = report["rows"]
     hf_rows = rest[len(thread_rows) :]
     for row in [keras_row, *rest]:  # Keras and hyparflow timed as whole calls too
@@ -56,6 +57,8 @@ def test_bench_reports_every_variant(tmp_path):
     assert pipe["ideal_step_s"] == pytest.approx(ideal) and pipe["ideal_threads"] == share
     assert pipe["efficiency_vs_bubble_bound"] == pytest.approx(ideal * pipe["throughput"] / 32)
     assert all(0 < s["compute_cpu"] for s in pipe["stages"])
+    slowest = max(s["compute_cpu"] for s in pipe["stages"]) / (2 * 2)  # per timed step (2 windows of 2 steps)
+    assert pipe["work_efficiency"] == pytest.approx(reference["cpu_s_per_step"] / 2 / slowest)
     assert sorted(s["stage"] for s in pipe["stages"]) == [0, 1]
     assert all(s["compute"] > 0 and s["wall"] > 0 for s in pipe["stages"])
     assert set(report["comm"]["1.0"]) == {
@@ -74,3 +77,17 @@ def test_bench_reports_every_variant(tmp_path):
     assert ["throughput", "1.23e+04"] in [words[4:6] for words in keras_lines]
     assert ["second_fit_startup_s", "9.5"] in [words[4:6] for words in keras_lines]
     assert any(line.startswith("hyparflow P=2 R=1 M=2 gpipe") and line.endswith(f"(not in {old})") for line in lines)
+
+
+def test_configs_parse_grids_schedules_and_settings():
+    from hyparflow.bench import _parse_configs
+    from hyparflow.errors import ConfigError
+
+    plain, timed = _parse_configs("2x1x8,2x1x8:gpipe+HYPARFLOW_TIMELINE=t.json")
+    assert plain == {"name": "hyparflow P=2 R=1 M=8 1f1b", "P": 2, "R": 1, "M": 8, "schedule": "1f1b", "env": {}}
+    assert timed["name"] == "hyparflow P=2 R=1 M=8 gpipe timeline=t.json"
+    assert timed["env"] == {"HYPARFLOW_TIMELINE": "t.json"} and timed["schedule"] == "gpipe"
+    with pytest.raises(ConfigError, match="expected PxRxM"):
+        _parse_configs("2x1")
+    with pytest.raises(ConfigError, match=r"\+HYPARFLOW_NAME=value"):
+        _parse_configs("2x1x8+PATH=/tmp")
