@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -23,8 +24,10 @@ import keras
 from hyparflow import membench
 from hyparflow.errors import ConfigError
 from hyparflow.launch import Launch
+from hyparflow.placement import node_cores, split_cores
 
 RESULT_TAG = "HYPARFLOW_BENCH_RESULT "
+KERAS = "keras model.fit (1 process)"
 
 
 # ---- workers (run inside the launched jobs) ------------------------------------------
@@ -47,36 +50,45 @@ def _model_and_data(args):
 
 
 class _StepClock(keras.callbacks.Callback):
-    """Times windows of `steps` batches after `warmup` batches (`marks`)."""
+    """Times windows of `steps` batches after `warmup` batches (`marks`; `cpu_marks`: this
+    process's CPU seconds at the same moments)."""
 
     def __init__(self, warmup: int, steps: int):
         super().__init__()
         self.warmup, self.steps = warmup, steps
         self.marks: list[float] = []
+        self.cpu_marks: list[float] = []
         self.batch = 0
 
     def on_train_batch_end(self, batch, logs=None):
         self.batch += 1
         if self.batch >= self.warmup and (self.batch - self.warmup) % self.steps == 0:
             self.marks.append(time.perf_counter())
+            self.cpu_marks.append(time.process_time())
 
 
 def _windows(marks: list[float], steps: int, batch_size: int) -> list[float]:
     return [steps * batch_size / (b - a) for a, b in zip(marks, marks[1:])]
 
 
+def _cpu_per_step(cpu_marks: list[float], total) -> float:
+    """CPU seconds per timed step, summed over the job's ranks by `total`: the work a step
+    costs whatever share of the cores other processes leave it."""
+    return total((cpu_marks[-1] - cpu_marks[0]) / max(len(cpu_marks) - 1, 1)) if cpu_marks else float("nan")
+
+
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _fit_calls(fit, args, slowest, first_callbacks=()) -> dict:
+def _fit_calls(fit, args, slowest, first_callbacks=(), total=lambda seconds: seconds) -> dict:
     """The same fit calls on one model, for plain Keras and hyparflow alike: the first, timed in
     per-step windows after warm-up; a second, stopped after its first batch, timing its start-up
     (from the call to the end of that batch: what reusing the first call's work costs; and, of it,
     the time before that batch begins, which the machine's step time does not swamp); then two
     timed as whole calls of `--epochs` epochs, with the progress bar off (verbose=0) and on
     (verbose=1). `fit(epochs, verbose, callbacks)` makes one call; `slowest` takes the maximum of
-    a duration over the job's ranks."""
+    a duration over the job's ranks, `total` their sum."""
     clock = _StepClock(args.warmup, args.steps)
     fit(epochs=1, verbose=0, callbacks=[clock, *first_callbacks])
     first = _FirstBatch()
@@ -91,6 +103,7 @@ def _fit_calls(fit, args, slowest, first_callbacks=()) -> dict:
         by_epochs.append(samples / slowest(time.perf_counter() - t0))
     return {
         "throughput": _windows(clock.marks, args.steps, args.batch_size),
+        "cpu_s_per_step": [_cpu_per_step(clock.cpu_marks, total) / args.steps],
         "second_fit_startup_s": [startup],
         "second_fit_prestep_s": [prestep],
         "throughput_epochs": [by_epochs[0]],
@@ -153,7 +166,7 @@ def worker_dp(args) -> dict:
         parts = tf.split(flat, [int(np.prod(v.shape)) for v in variables])
         opt.apply([tf.reshape(p, v.shape) for p, v in zip(parts, variables)], variables)
 
-    marks = []
+    marks, cpu_marks = [], []
     for step in range(args.warmup + args.windows * args.steps):
         lo = step * args.batch_size + rank * local
         g = grads_of(x[lo : lo + local], y[lo : lo + local])
@@ -168,8 +181,10 @@ def worker_dp(args) -> dict:
         if step + 1 >= args.warmup and (step + 1 - args.warmup) % args.steps == 0:
             world.Barrier()
             marks.append(time.perf_counter())
+            cpu_marks.append(time.process_time())
     return {
         "throughput": _windows(marks, args.steps, args.batch_size),
+        "cpu_s_per_step": [_cpu_per_step(cpu_marks, lambda s: world.allreduce(s, op=MPI.SUM)) / args.steps],
         "backend": backend,
         "peak_mb": world.gather(_peak_mb(), root=0),
     }
@@ -194,12 +209,13 @@ def worker_hyparflow(args) -> dict:
             num_partitions=args.P,
             num_microbatches=args.M,
             schedule=args.schedule,
-            recompute=args.recompute,
             balance=args.balance,
             **kw,
         )
 
-    calls = _fit_calls(fit, args, lambda seconds: world.allreduce(seconds, op=MPI.MAX), [timers])
+    calls = _fit_calls(
+        fit, args, lambda s: world.allreduce(s, op=MPI.MAX), [timers], lambda s: world.allreduce(s, op=MPI.SUM)
+    )
     return {**calls, "peak_mb": world.gather(_peak_mb(), root=0), "stages": world.gather(timers.result, root=0)}
 
 
@@ -301,7 +317,6 @@ def _worker_main(argv: list[str]) -> int:
     p.add_argument("--P", type=int, default=1)
     p.add_argument("--M", type=int, default=1)
     p.add_argument("--schedule", default="1f1b")
-    p.add_argument("--recompute", action="store_true")
     p.add_argument("--sizes", type=float, nargs="*", default=[1, 4, 16, 64])
     args = p.parse_args(argv)
     result = WORKERS[args.kind](args)
@@ -328,7 +343,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument(
-        "--configs", default="1x1x1,1x2x1,2x1x8", help="hyparflow grids PxRxM[:schedule][:recompute], comma-separated"
+        "--configs",
+        default="1x1x1,1x2x1,2x1x8",
+        help="hyparflow grids PxRxM[:schedule][+HYPARFLOW_X=value...], comma-separated",
     )
     p.add_argument("--dp-ranks", type=int, default=2, help="ranks of the data-parallel baseline")
     p.add_argument("--repeats", type=int, default=2, help="alternating rounds over all variants")
@@ -348,27 +365,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _parse_configs(text: str) -> list[dict]:
     out = []
     for item in filter(None, text.split(",")):
-        grid, *options = item.split(":")
-        recompute = "recompute" in options
-        schedules = [o for o in options if o != "recompute"]
+        spec, *settings = item.split("+")
+        grid, _, schedule = spec.partition(":")
+        env = dict(kv.partition("=")[::2] for kv in settings)
         try:
             P, R, M = (int(v) for v in grid.lower().split("x"))
-            (schedule,) = schedules or ["1f1b"]
         except ValueError:
             raise ConfigError(
-                f"--configs item {item!r}: expected PxRxM[:schedule][:recompute], e.g. 2x1x8 or 2x1x8:gpipe:recompute"
+                f"--configs item {item!r}: expected PxRxM[:schedule][+VAR=value...], e.g. 2x1x8, 2x1x8:gpipe or "
+                "2x1x8+HYPARFLOW_TIMELINE=t.json"
             ) from None
-        name = f"hyparflow P={P} R={R} M={M} {schedule}" + (" recompute" if recompute else "")
-        out.append({"name": name, "P": P, "R": R, "M": M, "schedule": schedule, "recompute": recompute})
+        if not all(k.startswith("HYPARFLOW_") and v for k, v in env.items()):
+            raise ConfigError(f"--configs item {item!r}: settings must read +HYPARFLOW_NAME=value")
+        suffix = "".join(f" {k[len('HYPARFLOW_') :].lower()}={v}" for k, v in env.items())
+        name = f"hyparflow P={P} R={R} M={M} {schedule or '1f1b'}{suffix}"
+        out.append({"name": name, "P": P, "R": R, "M": M, "schedule": schedule or "1f1b", "env": env})
     return out
 
 
-def _run(np_: int, kind: str, args, extra: list[str]) -> dict:
+def _run(np_: int, kind: str, args, extra: list[str], env: dict[str, str] | None = None) -> dict:
     cmd = [sys.executable, "-m", "hyparflow.bench", kind, "--model", args.model, "--batch-size", str(args.batch_size),
            "--steps", str(args.steps), "--windows", str(args.windows), "--warmup", str(args.warmup),
            "--epochs", str(args.epochs),
            *(["--balance", args.balance] if args.balance else []), *extra]  # fmt: skip
-    job = Launch(np=np_, command=cmd)
+    job = Launch(np=np_, command=cmd, settings=dict(env or {}))
     proc = subprocess.run(job.argv(), env=job.environment(), capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
@@ -376,21 +396,38 @@ def _run(np_: int, kind: str, args, extra: list[str]) -> dict:
     raise RuntimeError(f"benchmark job {' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
+def _rank_threads(ranks: int) -> int:
+    """Threads each of `ranks` ranks on this node gets (placement.configure_threads's share)."""
+    return len(split_cores(node_cores(), ranks, 0))
+
+
+def _keras_with_threads(threads: int) -> dict[str, Any]:
+    """Plain Keras in one process restricted to `threads` threads: what one pipeline rank gets,
+    so the bubble-bound ideal compares like with like."""
+    env = {"TF_NUM_INTRAOP_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": "1"}
+    return {"name": f"{KERAS} with {threads} thread{'s' * (threads > 1)}", "kind": "keras", "np": 1, "extra": [],
+            "threads": threads, "env": {**env, "HYPARFLOW_AUTO_THREADS": ""}}  # fmt: skip
+
+
 def main(args) -> int:
     if args.memory:
         return membench.main(args)
-    variants: list[dict[str, Any]] = [{"name": "keras model.fit (1 process)", "kind": "keras", "np": 1, "extra": []}]
+    variants: list[dict[str, Any]] = [{"name": KERAS, "kind": "keras", "np": 1, "extra": []}]
     variants.append(
         {"name": f"data-parallel baseline ({args.dp_ranks} ranks)", "kind": "dp", "np": args.dp_ranks, "extra": []}
     )
-    for c in _parse_configs(args.configs):
-        extra = ["--P", str(c["P"]), "--M", str(c["M"]), "--schedule", c["schedule"]] + ["--recompute"] * c["recompute"]
-        variants.append({"name": c["name"], "kind": "hyparflow", "np": c["P"] * c["R"], "extra": extra, **c})
+    configs = _parse_configs(args.configs)
+    full = _rank_threads(1)
+    for threads in sorted({_rank_threads(c["P"] * c["R"]) for c in configs if c["P"] > 1} - {full}):
+        variants.append(_keras_with_threads(threads))
+    for c in configs:
+        extra = ["--P", str(c["P"]), "--M", str(c["M"]), "--schedule", c["schedule"]]
+        variants.append({"kind": "hyparflow", "np": c["P"] * c["R"], "extra": extra, **c})
     runs: dict[str, list[dict]] = {v["name"]: [] for v in variants}
     for round_ in range(args.repeats):  # alternate variants so drift hits all alike
         for v in variants:
             print(f"[round {round_ + 1}/{args.repeats}] {v['name']} ...", flush=True)
-            runs[v["name"]].append(_run(v["np"], v["kind"], args, v["extra"]))
+            runs[v["name"]].append(_run(v["np"], v["kind"], args, v["extra"], v.get("env", {})))
     report = _report(variants, runs, args)
     if args.comm_sizes:
         sizes = [s for s in args.comm_sizes.split(",") if s]
@@ -411,14 +448,21 @@ def _report(variants, runs, args) -> dict:
     rows = []
     keras_tp = dp_tp = None
     single_step = None
+    throughput = {name: statistics.median(w for r in rs for w in r["throughput"]) for name, rs in runs.items()}
+    # Keras's step time by its threads per process
+    step_with = {v.get("threads", _rank_threads(1)): args.batch_size / throughput[v["name"]] for v in variants
+                 if v["kind"] == "keras"}  # fmt: skip
+    cpu_with = {v.get("threads", _rank_threads(1)): statistics.median(r["cpu_s_per_step"][0] for r in runs[v["name"]])
+                for v in variants if v["kind"] == "keras"}  # fmt: skip
     for v in variants:
         samples = [w for r in runs[v["name"]] for w in r["throughput"]]
-        tp = statistics.median(samples)
+        tp = throughput[v["name"]]
         row = {"name": v["name"], "ranks": v["np"], "throughput": tp, "windows": samples,
+               "cpu_s_per_step": statistics.median(r["cpu_s_per_step"][0] for r in runs[v["name"]]),
                "peak_mb": max(m for r in runs[v["name"]] for m in (r["peak_mb"] or [0]))}  # fmt: skip
         if v["kind"] in ("keras", "hyparflow"):
             row.update(_call_timings(runs[v["name"]]))
-        if v["kind"] == "keras":
+        if v["kind"] == "keras" and "threads" not in v:
             keras_tp = tp
             single_step = args.batch_size / tp
         if v["kind"] == "dp":
@@ -431,9 +475,17 @@ def _report(variants, runs, args) -> dict:
             if P > 1:
                 busy = [s["compute"] / s["wall"] for s in stages if s["wall"] > 0]
                 row["bubble_measured"] = 1 - statistics.mean(busy) if busy else None
-                ideal = single_step / P * (M + P - 1) / M
-                row["ideal_step_s"] = ideal
-                row["efficiency_vs_bubble_bound"] = ideal / (args.batch_size / tp)
+                # The bubble-bound ideal: Keras's step split over P stages, plus the fill and drain
+                # of (P - 1) micro-batches; Keras measured with the threads one rank gets, and
+                # (`..._all_cores`) with every core, which P ranks sharing those cores cannot reach.
+                threads = _rank_threads(P * v["R"])
+                step = args.batch_size / tp
+                ideal = step_with.get(threads, single_step) / P * (M + P - 1) / M
+                row.update(ideal_step_s=ideal, efficiency_vs_bubble_bound=ideal / step, ideal_threads=threads)
+                row["efficiency_vs_bubble_bound_all_cores"] = single_step / P * (M + P - 1) / M / step
+                timed = args.windows * args.steps
+                slowest = max(s["compute_cpu"] for s in stages) / timed
+                row["work_efficiency"] = cpu_with.get(threads, math.nan) / P / slowest
         rows.append(row)
     keras_bar = next((r["progress_bar_cost"] for r in rows if r["name"] == variants[0]["name"]), None)
     for row in rows:
@@ -458,23 +510,35 @@ STARTUP_TARGET_S, BAR_COST_MARGIN = 1.0, 0.05
 
 def _print(report: dict) -> None:
     print(f"\n{report['model']}, global batch {report['batch_size']}, {report['cores']} cores")
-    head = f"{'variant':<40} {'ranks':>5} {'samples/s':>10} {'vs keras':>9} {'vs DP':>7} {'bubble':>14} {'peak MB':>8}"
+    head = (
+        f"{'variant':<40} {'ranks':>5} {'samples/s':>10} {'vs keras':>9} {'vs DP':>7} {'bubble':>14} {'peak MB':>8} "
+        f"{'CPU ms/step':>11}"
+    )
     print(head + "\n" + "-" * len(head))
     for r in report["rows"]:
         bubble = f"{r['bubble_measured']:.2f}/{r['bubble_bound']:.2f}" if r.get("bubble_measured") is not None else "-"
         name = r["name"] + (f" [{r['backend']}]" if r.get("backend") else "")
         print(
             f"{name[:40]:<40} {r['ranks']:>5} {r['throughput']:>10.1f} {r['vs_keras']:>9.2f} "
-            f"{r['vs_dp_baseline']:>7.2f} {bubble:>14} {r['peak_mb']:>8.0f}"
+            f"{r['vs_dp_baseline']:>7.2f} {bubble:>14} {r['peak_mb']:>8.0f} {r['cpu_s_per_step'] * 1000:>11.0f}"
         )
         for s in r.get("stages", []):
             wall = s["wall"] or 1
             print(
-                f"{'':<6}stage {s['stage']} replica {s['replica']}: compute {s['compute'] / wall:.0%}, waiting on "
-                f"peers {s['wait'] / wall:.0%}, allreduce {s['allreduce'] / wall:.0%}"
+                f"{'':<6}stage {s['stage']} replica {s['replica']}: compute {s['compute'] / wall:.0%} (CPU/wall "
+                f"{s.get('compute_cpu', 0) / (s['compute'] or 1):.0%}), waiting on peers "
+                f"{s['wait'] / wall:.0%}, allreduce {s['allreduce'] / wall:.0%}"
             )
         if r.get("efficiency_vs_bubble_bound") is not None:
-            print(f"{'':<6}step time vs bubble-bound ideal: {r['efficiency_vs_bubble_bound']:.2f}")
+            print(
+                f"{'':<6}step time vs bubble-bound ideal: {r['efficiency_vs_bubble_bound']:.2f} (Keras with "
+                f"{r['ideal_threads']} thread(s), as one rank); {r['efficiency_vs_bubble_bound_all_cores']:.2f} "
+                f"(Keras with all {report['cores']} cores)"
+            )
+            print(
+                f"{'':<6}work balance (CPU, free of other processes' load): Keras's CPU per step / P / the slowest "
+                f"stage's compute CPU per step = {r['work_efficiency']:.2f}"
+            )
     _print_calls(report["rows"])
     for size, c in report.get("comm", {}).items():
         print(

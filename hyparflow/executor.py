@@ -2,7 +2,9 @@
 the stage, ships its activations forward and its input gradients back, then hands the
 accumulated gradients to the reducer and the optimizer.
 
-`timers` accumulates seconds of compute, of waiting on peers, and of gradient reduction;
+`timers` accumulates seconds of compute, of waiting on peers, and of gradient reduction,
+and the process CPU seconds spent computing (`compute_cpu`: below `compute` when other
+processes took this rank's core);
 `timeline`, when a `hyparflow.timeline.Timeline` records, receives each step, compute,
 send, allreduce and optimizer event (the transport records the waits).
 """
@@ -29,6 +31,11 @@ from hyparflow.transport import Transport, aligned_empty, to_numpy, to_tensor
 _COMPUTE_NAMES = {"forward": "forward", "backward": "backward", "fused": "forward+backward"}  # timeline event names
 
 
+def _clocks() -> tuple[float, float]:
+    """(wall, process CPU) seconds now."""
+    return time.perf_counter(), time.process_time()
+
+
 @dataclass
 class _Step:
     """Bookkeeping of one step on one stage."""
@@ -50,7 +57,7 @@ class Executor:
         self.grid = transport.grid
         self.reducer = Reducer(transport, compute.loss_scaled, compute.variables, compute.plan.tied)
         self.tag = {t: 2 * i for i, t in enumerate(compute.plan.boundary)}
-        self.timers = {"compute": 0.0, "wait": 0.0, "allreduce": 0.0}
+        self.timers = {"compute": 0.0, "compute_cpu": 0.0, "wait": 0.0, "allreduce": 0.0}
         self.timeline: Timeline | None = None
 
     # ---- transfers ------------------------------------------------------------------
@@ -150,17 +157,18 @@ class Executor:
         """The block recorded as one timeline event, when a timeline records."""
         return self.timeline.span(name, cat) if self.timeline is not None else contextlib.nullcontext()
 
-    def _compute_done(self, cat: str, m: int, t0: float) -> None:
-        """Count compute since `t0`, and record it as micro-batch `m`'s `cat` event."""
-        t1 = time.perf_counter()
-        self.timers["compute"] += t1 - t0
+    def _compute_done(self, cat: str, m: int, start: tuple[float, float]) -> None:
+        """Count compute since `start` (`_clocks()`), and record it as micro-batch `m`'s `cat` event."""
+        t1, cpu1 = _clocks()
+        self.timers["compute"] += t1 - start[0]
+        self.timers["compute_cpu"] += cpu1 - start[1]
         if self.timeline is not None:
-            self.timeline.add(f"{_COMPUTE_NAMES[cat]} {m}", cat, t0, t1, {"micro_batch": m})
+            self.timeline.add(f"{_COMPUTE_NAMES[cat]} {m}", cat, start[0], t1, {"micro_batch": m})
 
     def _forward(self, step: _Step, m: int, mb: MicroBatch, norm: StepNorm) -> None:
         c = self.compute
         args = self._inputs(step.fwd_posted, m, mb)
-        t0 = time.perf_counter()
+        t0 = _clocks()
         if c.fused:
             sends, in_grads, loss, per_output = c.forward_backward(*args, step.divisors, self._reg_scale(norm, mb))
             step.stash[m] = in_grads
@@ -183,7 +191,7 @@ class Executor:
                 out_grads.append(
                     to_tensor(pieces[0]) if len(pieces) == 1 else tf.convert_to_tensor(np.sum(pieces, axis=0))
                 )
-            t0 = time.perf_counter()
+            t0 = _clocks()
             in_grads = c.backward(step.stash.pop(m), out_grads)
             self._compute_done("backward", m, t0)
         for t, g in zip(c.recv_float, in_grads):
@@ -202,7 +210,7 @@ class Executor:
         with phase("forward"):
             for m, mb in enumerate(micro):
                 recv_vals, data_vals, ys, sws = self._inputs(posted, m, mb)
-                t0 = time.perf_counter()
+                t0 = _clocks()
                 if norm is None:
                     sends, preds = c.predict(recv_vals, data_vals)
                 else:

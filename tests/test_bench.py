@@ -6,6 +6,7 @@ with a previous run (no timing asserts)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from test_cli import hyparflow
@@ -30,12 +31,19 @@ def test_bench_reports_every_variant(tmp_path):
     report = json.loads((tmp_path / "bench.json").read_text())
     names = [r["name"] for r in report["rows"]]
     assert names[0].startswith("keras model.fit") and names[1].startswith("data-parallel baseline")
-    assert names[2:] == ["hyparflow P=1 R=1 M=1 1f1b", "hyparflow P=2 R=1 M=2 gpipe"]
+    # Keras again with the threads one rank of the 2-rank pipeline gets (its bubble-bound ideal's reference)
+    share = max(1, (os.cpu_count() or 1) // 2)
+    thread_rows = (
+        [f"keras model.fit (1 process) with {share} thread{'s' * (share > 1)}"] if share < os.cpu_count() else []
+    )
+    assert names[2:] == [*thread_rows, "hyparflow P=1 R=1 M=1 1f1b", "hyparflow P=2 R=1 M=2 gpipe"]
     assert report["rows"][1]["backend"] in ("horovod", "mpi4py")
     for row in report["rows"]:
         assert row["throughput"] > 0 and len(row["windows"]) == 2 and row["vs_keras"] > 0 and row["peak_mb"] > 0
-    keras_row, dp_row, *hf_rows = report["rows"]
-    for row in [keras_row, *hf_rows]:  # Keras and hyparflow timed as whole calls too
+        assert row["cpu_s_per_step"] > 0
+    keras_row, dp_row, *rest = report["rows"]
+    hf_rows = rest[len(thread_rows) :]
+    for row in [keras_row, *rest]:  # Keras and hyparflow timed as whole calls too
         assert all(row[k] > 0 for k in CALL_TIMINGS), row
         assert row["second_fit_prestep_s"] < row["second_fit_startup_s"], "the pre-step time is part of it"
         assert row["progress_bar_cost"] == pytest.approx(1 - row["throughput_verbose"] / row["throughput_epochs"])
@@ -43,8 +51,15 @@ def test_bench_reports_every_variant(tmp_path):
     for row in hf_rows:  # each hyparflow row's bar cost is set against Keras's
         bar_cost = row["progress_bar_cost"] - keras_row["progress_bar_cost"]
         assert row["progress_bar_cost_vs_keras"] == pytest.approx(bar_cost)
-    pipe = report["rows"][3]
+    pipe = hf_rows[1]
     assert pipe["bubble_bound"] == pytest.approx(1 / 3)
+    reference = rest[0] if thread_rows else keras_row
+    ideal = 32 / reference["throughput"] / 2 * 3 / 2  # Keras's step with one rank's threads / P x (M + P - 1) / M
+    assert pipe["ideal_step_s"] == pytest.approx(ideal) and pipe["ideal_threads"] == share
+    assert pipe["efficiency_vs_bubble_bound"] == pytest.approx(ideal * pipe["throughput"] / 32)
+    assert all(0 < s["compute_cpu"] for s in pipe["stages"])
+    slowest = max(s["compute_cpu"] for s in pipe["stages"]) / (2 * 2)  # per timed step (2 windows of 2 steps)
+    assert pipe["work_efficiency"] == pytest.approx(reference["cpu_s_per_step"] / 2 / slowest)
     assert sorted(s["stage"] for s in pipe["stages"]) == [0, 1]
     assert all(s["compute"] > 0 and s["wall"] > 0 for s in pipe["stages"])
     assert set(report["comm"]["1.0"]) == {
@@ -63,3 +78,17 @@ def test_bench_reports_every_variant(tmp_path):
     assert ["throughput", "1.23e+04"] in [words[4:6] for words in keras_lines]
     assert ["second_fit_startup_s", "9.5"] in [words[4:6] for words in keras_lines]
     assert any(line.startswith("hyparflow P=2 R=1 M=2 gpipe") and line.endswith(f"(not in {old})") for line in lines)
+
+
+def test_configs_parse_grids_schedules_and_settings():
+    from hyparflow.bench import _parse_configs
+    from hyparflow.errors import ConfigError
+
+    plain, timed = _parse_configs("2x1x8,2x1x8:gpipe+HYPARFLOW_TIMELINE=t.json")
+    assert plain == {"name": "hyparflow P=2 R=1 M=8 1f1b", "P": 2, "R": 1, "M": 8, "schedule": "1f1b", "env": {}}
+    assert timed["name"] == "hyparflow P=2 R=1 M=8 gpipe timeline=t.json"
+    assert timed["env"] == {"HYPARFLOW_TIMELINE": "t.json"} and timed["schedule"] == "gpipe"
+    with pytest.raises(ConfigError, match="expected PxRxM"):
+        _parse_configs("2x1")
+    with pytest.raises(ConfigError, match=r"\+HYPARFLOW_NAME=value"):
+        _parse_configs("2x1x8+PATH=/tmp")

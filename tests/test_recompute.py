@@ -9,7 +9,7 @@ import pytest
 import zoo
 
 import hyparflow as hf
-from hyparflow import bench, cli, loopback, session
+from hyparflow import cli, loopback, session
 from hyparflow.errors import ConfigError
 from hyparflow.settings import switch
 
@@ -88,12 +88,3 @@ def test_recompute_keyword_environment_and_run_flag(monkeypatch):
     args = cli.parser().parse_args(["run", "-np", "2", "--recompute", "python", "t.py"])
     monkeypatch.setenv("HYPARFLOW_RECOMPUTE", str(cli._settings(args)["HYPARFLOW_RECOMPUTE"]))
     assert switch("recompute", None) is True
-
-
-def test_bench_grids_with_recomputation():
-    plain, both = bench._parse_configs("2x1x4:gpipe,2x1x4:gpipe:recompute")
-    assert (plain["recompute"], both["recompute"]) == (False, True)
-    assert both["schedule"] == "gpipe" and both["name"] == "hyparflow P=2 R=1 M=4 gpipe recompute"
-    assert bench._parse_configs("2x1x4:recompute")[0]["schedule"] == "1f1b"
-    with pytest.raises(ConfigError, match="expected PxRxM"):
-        bench._parse_configs("2x1x4:gpipe:1f1b")
