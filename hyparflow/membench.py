@@ -17,9 +17,10 @@ import sys
 from typing import Any
 
 RESULT_TAG = "HYPARFLOW_MEMBENCH_RESULT "
-# name: (hidden layers, width, optimizer): the 67 M-parameter MLP with Adam, and a
-# second model with another optimizer (one slot per variable) to check the estimate on.
-MODELS = {"mlp": (16, 2048, "adam"), "mlp-sgd": (8, 3072, "sgd")}
+# name: (hidden layers, width, optimizer): the 67 M-parameter MLP with Adam, a
+# second model with another optimizer (one slot per variable) to check the estimate on;
+# a tiny one for tests.
+MODELS = {"mlp": (16, 2048, "adam"), "mlp-sgd": (8, 3072, "sgd"), "mlp-tiny": (4, 64, "adam")}
 
 
 def _peak_mb() -> float:

@@ -4,12 +4,14 @@ memory cap (real mpirun)."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import keras
 import numpy as np
 import pytest
 from conftest import SCRIPTS, mpi_env, mpirun
+from test_cli import hyparflow
 
 import hyparflow as hf
 from hyparflow import loopback, memory, session
@@ -128,3 +130,18 @@ def test_a_model_too_large_for_one_process_trains_on_four(tmp_path):
     assert keras_run.returncode != 0 and "OUT OF MEMORY" in keras_run.stdout, keras_run.stdout[-2000:]
     hf_run = mpirun(4, script + ["hyparflow"], env=mpi_env())
     assert "TRAINED" in hf_run.stdout, hf_run.stdout[-2000:]
+
+
+@pytest.mark.mpi
+def test_bench_memory_reports_peaks_and_the_estimate(tmp_path):
+    out = hyparflow(
+        "bench", "--memory", "--memory-models", "mlp-tiny", "--memory-configs", "2x2:none", "--repeats", "1",
+        "--out", str(tmp_path), timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "memory.json").read_text())["mlp-tiny"]
+    assert report["baseline_mb"] > 0 and report["keras_above_mb"] > 0
+    row = report["variants"]["hyparflow P=2 M=2 gather=none"]
+    assert len(row["peak_mb"]) == 2 and all(p > report["baseline_mb"] / 2 for p in row["peak_mb"])
+    assert [r["weights"] > 0 for r in row["stage_estimate"]] == [True, True]
+    assert row["loss"] == pytest.approx(report["variants"]["keras"]["loss"], rel=1e-5)
