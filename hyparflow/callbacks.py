@@ -8,6 +8,7 @@ per-batch logs, is decided together (one reduction at the start).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,45 @@ RANK0_CALLBACKS = (
     keras.callbacks.ProgbarLogger,
 )
 MODES = ("train", "test", "predict")
+# Keras callbacks that never read the whole model's weights on a rank that runs them
+# (ModelCheckpoint runs on rank 0, which gets the weights gathered before it saves).
+WEIGHT_FREE = (
+    keras.callbacks.History,
+    keras.callbacks.ProgbarLogger,
+    keras.callbacks.CSVLogger,
+    keras.callbacks.TerminateOnNaN,
+    keras.callbacks.ReduceLROnPlateau,
+    keras.callbacks.LearningRateScheduler,
+    keras.callbacks.ModelCheckpoint,
+)
+log = logging.getLogger("hyparflow")
+
+
+def _weight_free(callback) -> bool:
+    kind = type(callback)  # exact types: a subclass may read the weights
+    if kind is keras.callbacks.EarlyStopping:
+        return not callback.restore_best_weights
+    if kind is keras.callbacks.TensorBoard:
+        return not (callback.histogram_freq or callback.embeddings_freq)
+    return kind in WEIGHT_FREE
+
+
+def release_hint(session: Session, callbacks: Sequence[Any] | None, hint: str, always: bool = False) -> str | None:
+    """`hint` (the error a use of a released variable names) when ranks may release other
+    stages' variables for this call, else None: some rank has a callback that may read the
+    whole model (a user's own, EarlyStopping(restore_best_weights=True), ...), so every rank
+    keeps it, as plain Keras would let that callback. `always` (gather='none') releases anyway."""
+    readers = sorted({type(cb).__name__ for cb in callbacks or [] if not _weight_free(cb)})
+    if always or not world_sum(session, np.array([float(bool(readers))]), "callback agreement", op="max")[0]:
+        return hint
+    if readers:
+        log.warning(
+            "rank %d keeps every pipeline stage's weights in this call: callback(s) %s may read the whole model. "
+            "Pass gather='none' to hold only the stage (such a callback then cannot read other stages' weights).",
+            session.transport.rank,
+            ", ".join(readers),
+        )
+    return None
 
 
 def has_batch_hooks(callback, mode: str = "train") -> bool:

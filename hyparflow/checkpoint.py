@@ -99,13 +99,17 @@ def gather_stages(plan: Plan, transport: Transport, to_all: bool = False) -> Non
             _recv(transport, variables, root, STAGE_STATE_TAG + s, f"stage {s} weights")
 
 
-def scatter_stages(plan: Plan, transport: Transport, release_root: bool, hint: str) -> None:
-    """Give every rank its stage's variables from world rank 0, a chunk at a time, and
-    release the variables of other stages on every rank but rank 0 (on rank 0 too with
-    `release_root`): no rank ever holds the whole model twice. Variables outside every
-    stage's layers are broadcast to all."""
+def scatter_stages(plan: Plan, transport: Transport, hint: str | None, release_root: bool) -> None:
+    """Give every rank its stage's variables from world rank 0, a chunk at a time. With a
+    `hint` (the error a later use names), release the variables of other stages on every
+    rank but rank 0 (on rank 0 too with `release_root`): no rank ever holds the whole model
+    twice. Variables outside every stage's layers are broadcast to all; without a `hint`,
+    every variable is (ranks that released some in an earlier call hold them again)."""
     grid, me = transport.grid, transport.rank
     assert grid is not None, "scatter_stages needs the session's grid"
+    if hint is None:
+        broadcast_variables(transport, plan.graph.model.variables, 0)
+        return
     if me != 0:
         release_other_stages(plan, transport, hint)
     staged = {id(v) for st in plan.stages for v in st.variables}

@@ -16,7 +16,7 @@ import numpy as np
 
 from hyparflow import checkpoint, inputs, keras_compat, loop, memory
 from hyparflow import timeline as timelines
-from hyparflow.callbacks import Callbacks
+from hyparflow.callbacks import Callbacks, release_hint
 from hyparflow.checkpoint import gather_stages
 from hyparflow.errors import ConfigError
 from hyparflow.failures import distributed, phase
@@ -171,8 +171,9 @@ def fit(
         validation_steps,
         feed,
     )
-    if transport.rank != 0:  # before the stage's accumulators are made
-        checkpoint.release_other_stages(session.plan, transport, memory.HINTS[gather])
+    hint = release_hint(session, callbacks, memory.HINTS[gather], always=gather == "none")
+    if transport.rank != 0 and hint is not None:  # before the stage's accumulators are made
+        checkpoint.release_other_stages(session.plan, transport, hint)
     session.start(train.first)
     session.compute.recompute = recompute
     settings = (
@@ -204,7 +205,7 @@ def fit(
     cbs = Callbacks(session, callbacks, _verbose(verbose, transport.rank), "train", epochs, train.steps)
     with distributed(transport):
         with phase("initial weight broadcast"):
-            checkpoint.scatter_stages(session.plan, transport, True, memory.HINTS[gather])
+            checkpoint.scatter_stages(session.plan, transport, hint, release_root=True)
         model.stop_training = False
         cbs.call("on_train_begin")
         logs: dict[str, float] | None = None
@@ -264,8 +265,9 @@ def evaluate(
     )
     session.start(data.first)
     cbs = Callbacks(session, callbacks, _verbose(verbose, session.transport.rank), "test", 1, data.steps)
+    hint = release_hint(session, callbacks, memory.HINTS["rank0"])
     with distributed(session.transport):
-        checkpoint.scatter_stages(session.plan, session.transport, False, memory.HINTS["rank0"])
+        checkpoint.scatter_stages(session.plan, session.transport, hint, release_root=False)
         cbs.call("on_test_begin")
         logs = loop.run_epoch(session, data.epoch(0), train=False, on_batch=cbs.on_batch("test", 0))
         cbs.call("on_test_end", logs)
@@ -302,8 +304,9 @@ def predict(
     session.start(data.first, need_loss=False)
     cbs = Callbacks(session, callbacks, _verbose(verbose, session.transport.rank), "predict", 1, data.steps)
     chunks: list[list[np.ndarray]] = [[] for _ in session.plan.graph.output_tensors]
+    hint = release_hint(session, callbacks, memory.HINTS["rank0"])
     with distributed(session.transport):
-        checkpoint.scatter_stages(session.plan, session.transport, False, memory.HINTS["rank0"])
+        checkpoint.scatter_stages(session.plan, session.transport, hint, release_root=False)
         cbs.call("on_predict_begin")
         for step, (batch, idx) in enumerate(data.epoch(0)):
             cbs.call("on_predict_batch_begin", step)

@@ -73,6 +73,34 @@ def test_other_stages_are_released_and_rank0_ends_with_the_trained_model():
         assert close(stage, [ref.variables[i].numpy() for i in positions]), f"rank {rank}'s stage weights differ"
 
 
+class _ReadsWeights(keras.callbacks.Callback):
+    """A user's callback that reads the whole model at every epoch's end, on every rank."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.weights = self.model.get_weights()
+
+
+def test_a_callback_that_reads_the_model_keeps_it_on_every_rank():
+    """After a fit that released other stages, a fit whose callbacks may read the whole model
+    (a user's own, EarlyStopping(restore_best_weights=True)) gives every rank all of it."""
+    ref = build()
+    ref.fit(X, Y, epochs=3, **FIT)
+    models = [build() for _ in range(4)]
+
+    def body(comm):
+        model = models[comm.Get_rank()]
+        hf.fit(model, X, Y, **FIT, **GRID, comm=comm)
+        reader = _ReadsWeights()
+        stop = keras.callbacks.EarlyStopping("loss", patience=5, restore_best_weights=True)
+        hf.fit(model, X, Y, epochs=2, callbacks=[reader, stop], **FIT, **GRID, comm=comm)
+        return [memory.is_released(v) for v in model.variables], reader.weights
+
+    for rank, (released, read) in enumerate(loopback.run(4, body)):
+        assert not any(released), f"rank {rank} released variables a callback may read"
+        assert len(read) == len(ref.weights)
+    assert close(models[0].get_weights(), ref.get_weights()), "rank 0's model is not Keras's after 1 + 2 epochs"
+
+
 def test_gather_none_keeps_stages_apart_and_save_writes_the_whole_model(tmp_path):
     ref = build()
     ref.fit(X, Y, epochs=2, **FIT)
