@@ -102,6 +102,7 @@ class Objective:
         self,
         model,
         output_names: list[str],
+        x_sample: Sequence[np.ndarray],
         y_sample: Sequence[np.ndarray | None],
         pred_specs: Sequence[Any],
         need_loss: bool = True,
@@ -154,12 +155,13 @@ class Objective:
             getattr(fn, "ignore_class", None) if c else None for fn, c in zip(self.losses, self.counted)
         ]
         self.pred_ranks = [len(spec.shape) for spec in pred_specs]
-        self.mask_models: list[Any] | None = None
+        self.mask_models = self._find_masks(list(x_sample))
 
     def _find_masks(self, xs: list[np.ndarray]) -> list[Any]:
         """Per output, a model recomputing the mask Keras's loss sees from the inputs, or
-        None. Which outputs Keras masks is seen by running the model on a few samples `xs`."""
-        found = [None] * len(self.losses)
+        None. Which outputs Keras masks is seen by running the whole model on a few samples
+        `xs`: an objective is made while the rank holds every stage's weights."""
+        found: list[Any] = [None] * len(self.losses)
         if not any(self.counted) or not _symbolic_masks(self.model):
             return found
         sample = xs if len(xs) > 1 else xs[0]  # Keras's structure for one input
@@ -170,9 +172,8 @@ class Objective:
         inputs = fn.inputs
         for pos, (pred, spec, name) in enumerate(zip(preds, self.pred_specs, self.names)):
             runtime = get_keras_mask(pred)
-            if not self.counted[pos] or runtime is None:
-                continue
-            found[pos] = _mask_model(inputs, spec, name, sample, runtime)
+            if self.counted[pos] and runtime is not None:
+                found[pos] = _mask_model(inputs, spec, name, sample, runtime)
         return found
 
     def _name_metrics(self, multi: bool) -> None:
@@ -200,8 +201,6 @@ class Objective:
     def _global_mask(self, pos: int, xs: list[np.ndarray], y: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
         """The mask Keras's loss would use for output `pos` on the global batch `idx` of
         inputs `xs` and this output's targets `y`, or None."""
-        if self.mask_models is None:
-            self.mask_models = self._find_masks([x[idx[:2]] for x in xs])
         mask = None
         if self.mask_models[pos] is not None:
             batch = [x[idx] for x in xs]
@@ -237,7 +236,7 @@ class Objective:
 
     def _check_mask(self, pos: int, mask) -> None:
         """At trace time: the mask the loss sees must be the one `divisors` counted."""
-        expected = bool(self.mask_models and self.mask_models[pos] is not None) or self.ignore_class[pos] is not None
+        expected = self.mask_models[pos] is not None or self.ignore_class[pos] is not None
         if self.reductions[pos] == "sum" or expected == (mask is not None):
             return
         name = self.names[pos]

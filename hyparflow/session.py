@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from hyparflow import keras_compat, memory, placement
-from hyparflow.checkpoint import gather_stages
+from hyparflow.checkpoint import gather_stages, release_other_stages
 from hyparflow.errors import ConfigError
 from hyparflow.executor import Executor
 from hyparflow.failures import phase, state
@@ -131,19 +131,29 @@ class Session:
             hint = hint or "every rank must call hyparflow with the same model, data and settings."
             raise ConfigError(f"The {what} differs between ranks (ranks {odd} differ from rank 0): {hint}")
 
-    def start(self, data: Data, need_loss: bool = True) -> Executor:
+    def start(self, data: Data, need_loss: bool = True, release: str | None = None) -> Executor:
         """Resolve the compiled loss and metrics against a sample batch; build the stage
-        (once: a later call reuses it unless it now needs the targets an earlier did not)."""
+        (once: a later call reuses it unless it now needs the targets an earlier did not).
+        With `release` (the error a later use names), ranks but rank 0 release the other
+        stages' variables once the objective has run the whole model (to find its masks)
+        and before the stage's accumulators are made, so those reuse the memory."""
         with_targets = any(y is not None for y in data.y)
-        if self.executor is None or (with_targets and not self.with_targets):
+        build = self.executor is None or (with_targets and not self.with_targets)
+        if build:
             self.with_targets = with_targets
             graph = self.plan.graph
             specs = [graph.tensors[t].ref for t in graph.output_tensors]
+            x_sample = [x[:2] for x in data.x]
             y_sample = [None if y is None else y[:2] for y in data.y]
-            self.objective = Objective(self.model, graph.output_names, y_sample, specs, need_loss)
+            self.objective = Objective(self.model, graph.output_names, x_sample, y_sample, specs, need_loss)
+        if release is not None and self.transport.rank != 0:
+            release_other_stages(self.plan, self.transport, release)
+        if build:
             optimizer = getattr(self.model, "optimizer", None)  # none: predict on an uncompiled model
+            assert self.objective is not None
             compute = StageCompute(self.plan, self.grid.stage, self.objective, optimizer)
             self.executor = Executor(compute, self.transport, self.layout.schedule)
+        assert self.executor is not None
         return self.executor
 
     # ---- batches -------------------------------------------------------------------

@@ -172,9 +172,7 @@ def fit(
         feed,
     )
     hint = release_hint(session, callbacks, memory.HINTS[gather], always=gather == "none")
-    if transport.rank != 0 and hint is not None:  # before the stage's accumulators are made
-        checkpoint.release_other_stages(session.plan, transport, hint)
-    session.start(train.first)
+    session.start(train.first, release=hint)
     session.compute.recompute = recompute
     settings = (
         batch_size,

@@ -42,13 +42,13 @@ def _data(kind: str):
     return model, [x], rng.integers(0, 4, N), rng.uniform(0.2, 2.0, N).astype("float32"), None
 
 
-def _objective(model, ys):
-    return Objective(model, model.output_names, [y[:2] for y in ys], list(model.outputs))
+def _objective(model, xs, ys):
+    return Objective(model, model.output_names, [x[:2] for x in xs], [y[:2] for y in ys], list(model.outputs))
 
 
 def _ours(model, xs, ys, sws):
     """Sum of micro-batch losses (4, 3, 3 samples), each normalised by the global batch."""
-    obj = _objective(model, ys)
+    obj = _objective(model, xs, ys)
     idx = np.arange(N)
     divisors = tf.constant(obj.divisors(xs, ys, sws, idx), tf.float32)
     total, positions = 0.0, list(range(len(ys)))
@@ -166,7 +166,7 @@ def test_metrics_per_token_and_iou_equal_keras():
     metrics = ["accuracy", keras.metrics.MeanIoU(losszoo.VOCAB, sparse_y_pred=False)]
     loss = keras.losses.SparseCategoricalCrossentropy(True)
     model.compile("sgd", loss, metrics=metrics, weighted_metrics=["accuracy"])
-    obj = _objective(model, [y])
+    obj = _objective(model, [x], [y])
     for part in np.array_split(np.arange(N), 3):
         obj.update_metrics([0], [tf.constant(y[part])], [model(x[part])], [tf.constant(sw[part])])
     ours = obj.metric_results(obj.metric_state([0]))
@@ -237,7 +237,7 @@ def test_mask_lost_before_the_loss_is_refused():
     model = losszoo.causal_lm(mask="zero")
     model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(True))
     x, y, _ = losszoo.lm_data(N)
-    obj = _objective(model, [y])
+    obj = _objective(model, [x], [y])
     divisors = tf.constant(obj.divisors([x], [y], [None], np.arange(N)), tf.float32)
     traced = tf.function(lambda v: obj.stage_loss([0], [tf.constant(y)], [tf.identity(model(v))], [None], divisors))
     with pytest.raises(Exception, match="does not reach the stage"):
@@ -257,7 +257,7 @@ def test_metrics_on_a_subset_of_outputs_named_as_keras_logs_them():
     x = rng.standard_normal((N, 5)).astype("float32")
     ys = [rng.integers(0, 3, N), rng.integers(0, 5, (N, 4))]
     sw = rng.uniform(0, 2, (N, 4)).astype("float32")
-    obj = _objective(model, ys)
+    obj = _objective(model, [x], ys)
     for part in np.array_split(np.arange(N), 3):
         preds = model(x[part])
         obj.update_metrics([0, 1], [tf.constant(y[part]) for y in ys], preds, [None, tf.constant(sw[part])])
