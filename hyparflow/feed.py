@@ -8,7 +8,10 @@ reading stage, the leader, sends it that size in a one-number message as it pull
 batch, and a zero when the stream ends (so a stream of unknown length ends on the same step
 everywhere). Before the first step, the lowest reading world rank shares the stream's step
 count, the first batch's shapes and a two-sample slice of it (for the loss and metric set-up)
-with every rank, once per source. Without non-reading stages none of this happens.
+with every rank, once per source. Without non-reading stages none of this happens. With a
+per-replica stream (`hyparflow.replicas`) each replica reads its own stream: the leader sends
+every replica's batch size, the readers agree on those among themselves, and all readers share
+their stream's set-up.
 """
 
 from __future__ import annotations
