@@ -3,6 +3,7 @@ is every replica's k-th batch in replica order, and training equals Keras on tho
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import Counter
 
@@ -158,3 +159,20 @@ def test_bad_per_replica_input_is_refused_clearly():
         return True
 
     assert run_grid(R, call)[1] == [True, True]
+
+
+@pytest.mark.mpi
+def test_bench_input_per_replica_pipelines_map_each_sample_once_under_mpi(tmp_path):
+    """Two real MPI ranks: a global pipeline maps every sample on both, PerReplica each half;
+    the global batches hold the same samples, so the loss agrees."""
+    from test_cli import hyparflow
+
+    out = hyparflow(
+        "bench", "--input", "--input-replicas", "2", "--input-samples", "64", "--input-work", "1", "--repeats", "1",
+        "--batch-size", "16", "--out", str(tmp_path), timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "input.json").read_text())
+    assert report["global R=2"]["map_calls_per_rank"] == 64
+    assert report["per-replica R=2"]["map_calls_per_rank"] == 32
+    assert report["per-replica R=2"]["loss"] == pytest.approx(report["global R=2"]["loss"], rel=1e-5)
