@@ -123,28 +123,30 @@ def test_only_each_replicas_readers_build_and_pull_its_dataset():
     assert max_rel(models[0].get_weights(), ref.get_weights()) < 1e-5
 
 
-def test_a_replica_that_runs_out_first_ends_the_epoch_on_every_rank(caplog):
-    """Replica 0 has 3 batches, replica 1 two, of unknown length: every rank runs 2 steps."""
+@pytest.mark.parametrize("known, partitions", [(False, 3), (True, 1)])
+def test_a_replica_that_runs_out_first_ends_the_epoch_on_every_rank(caplog, known, partitions):
+    """Replica 0 has 3 batches, replica 1 two (of unknown length through P=3 stages, the middle
+    one reading nothing; or of known length): every rank runs 2 steps an epoch, and rank 0 warns."""
 
     def dataset_fn(context):
         ds = replica_dataset(context).take(3 - context.replica_id)
-        return ds.filter(lambda *_: True)
+        return ds if known else ds.filter(lambda *_: True)
 
     def call(model, comm):
-        history = hf.fit(model, hf.PerReplica(dataset_fn), epochs=2, verbose=0, comm=comm, **LAYOUT3)
+        history = hf.fit(
+            model, hf.PerReplica(dataset_fn), epochs=2, verbose=0, comm=comm, num_partitions=partitions,
+            num_microbatches=2,
+        )  # fmt: skip
         return history.history["loss"], model.optimizer.iterations.numpy()
 
     result: list = []
-    worker = threading.Thread(target=lambda: result.append(run_grid(3 * R, call)), daemon=True)
+    worker = threading.Thread(target=lambda: result.append(run_grid(partitions * R, call)), daemon=True)
     worker.start()
     worker.join(timeout=240)
     assert result, "the ranks hang"
     _, out = result[0]
-    assert {int(it) for _, it in out if it} == {4}, "2 steps in each of 2 epochs on every stage that trains"
-    assert "ran out" in caplog.text
-
-
-LAYOUT3 = dict(num_partitions=3, num_microbatches=2)
+    assert [int(it) for _, it in out] == [4] * partitions * R, "2 steps in each of 2 epochs on every rank"
+    assert ("fewest" if known else "ran out") in caplog.text
 
 
 def test_bad_per_replica_input_is_refused_clearly():
