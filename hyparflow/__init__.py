@@ -20,6 +20,19 @@ failures.install()
 from hyparflow.checkpoint import save  # noqa: E402
 from hyparflow.errors import ConfigError  # noqa: E402
 from hyparflow.partition import Plan, Stage, plan  # noqa: E402
+from hyparflow.replicas import InputContext, PerReplica  # noqa: E402
 from hyparflow.trainer import evaluate, fit, predict  # noqa: E402
 
-__all__ = ["ConfigError", "Plan", "Stage", "evaluate", "fit", "plan", "predict", "save", "__version__"]
+__all__ = [
+    "ConfigError",
+    "InputContext",
+    "PerReplica",
+    "Plan",
+    "Stage",
+    "evaluate",
+    "fit",
+    "plan",
+    "predict",
+    "save",
+    "__version__",
+]

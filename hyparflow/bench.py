@@ -21,7 +21,7 @@ from typing import Any
 
 import keras
 
-from hyparflow import membench
+from hyparflow import inputbench, membench
 from hyparflow.errors import ConfigError
 from hyparflow.launch import Launch
 from hyparflow.placement import node_cores, split_cores
@@ -360,6 +360,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a previous run's bench.json to print the new numbers against",
     )
     membench.add_arguments(p)
+    inputbench.add_arguments(p)
 
 
 def _parse_configs(text: str) -> list[dict]:
@@ -412,6 +413,8 @@ def _keras_with_threads(threads: int) -> dict[str, Any]:
 def main(args) -> int:
     if args.memory:
         return membench.main(args)
+    if args.input:
+        return inputbench.main(args)
     variants: list[dict[str, Any]] = [{"name": KERAS, "kind": "keras", "np": 1, "extra": []}]
     variants.append(
         {"name": f"data-parallel baseline ({args.dp_ranks} ranks)", "kind": "dp", "np": args.dp_ranks, "extra": []}

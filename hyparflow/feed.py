@@ -8,11 +8,15 @@ reading stage, the leader, sends it that size in a one-number message as it pull
 batch, and a zero when the stream ends (so a stream of unknown length ends on the same step
 everywhere). Before the first step, the lowest reading world rank shares the stream's step
 count, the first batch's shapes and a two-sample slice of it (for the loss and metric set-up)
-with every rank, once per source. Without non-reading stages none of this happens.
+with every rank, once per source. Without non-reading stages none of this happens. With a
+per-replica stream (`hyparflow.replicas`) each replica reads its own stream: the leader sends
+every replica's batch size, the readers agree on those among themselves, and all readers share
+their stream's set-up.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +38,9 @@ class Feed:
     followers: tuple[int, ...]  # stages of this replica that read nothing
     root: int  # the lowest reading world rank: it shares a stream's first batch when anyone follows
     anyone_follows: bool  # whether any replica has a stage that reads nothing
+    replicas: int = 1
+    replica: int = 0
+    divisors: Callable[[Any], np.ndarray] | None = None  # a batch's share of the loss divisors (`replicas`)
 
     @classmethod
     def of(cls, session, with_targets: bool) -> Feed:
@@ -51,6 +58,9 @@ class Feed:
             followers=tuple(s for s, r in enumerate(reading) if not r),
             root=min(world_readers),
             anyone_follows=not all(reading),
+            replicas=grid.num_replicas,
+            replica=grid.replica,
+            divisors=session.replica_divisors,
         )
 
     @property
@@ -61,18 +71,19 @@ class Feed:
         """`info` as computed on the root reader, on every rank; unchanged when no rank follows."""
         return self.transport.bcast(info, root=self.root) if self.anyone_follows else info
 
-    def announce(self, size: int) -> None:
-        """Leader: tell this replica's followers the next global batch's size (0: the end)."""
+    def announce(self, sizes) -> None:
+        """Leader: tell this replica's followers the next global batch's size, or each
+        replica's share of it for a per-replica stream (zeros: the end)."""
         if not self.followers or not self.leads:
             return
-        message = np.full(1, size, np.int64)
+        message = np.array(sizes, np.int64).reshape(-1)
         requests = [self.transport.isend(message, s, SIZE_TAG) for s in self.followers]
         self.transport.wait(requests, "batch sizes to stages that read no data")
 
-    def next_size(self) -> int:
-        """Follower: the next global batch's size from the leader (0: the stream ended)."""
-        message = np.zeros(1, np.int64)
+    def next_sizes(self, width: int = 1) -> np.ndarray:
+        """Follower: the `width` sizes of the leader's next `announce` (zeros: the stream ended)."""
+        message = np.zeros(width, np.int64)
         self.transport.wait(
             [self.transport.irecv(message, self.leader, SIZE_TAG)], "the next batch's size", stage=self.leader
         )
-        return int(message[0])
+        return message

@@ -7,6 +7,7 @@ ever waits for a step another rank does not run.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,9 @@ from hyparflow import keras_compat
 from hyparflow.errors import ConfigError
 from hyparflow.feed import Feed
 from hyparflow.graph import ModelGraph
+from hyparflow.replicas import InputContext, PerReplica, Shares
+
+log = logging.getLogger(__name__)
 
 
 def _as_list(data, names: list[str], what: str, allow_none: bool = False) -> list[Any]:
@@ -53,6 +57,7 @@ class Data:
     x: list[np.ndarray]
     y: list[np.ndarray | None]
     sw: list[np.ndarray | None]  # None: no sample weights for that output (as Keras's None)
+    shares: Shares | None = None  # a per-replica stream's batch: this replica's rows of the global batch
 
     def __len__(self) -> int:
         return len(self.x[0])
@@ -151,6 +156,9 @@ class StreamSource:
     number of steps and every sample counts once. A stage that reads nothing gets each
     batch's size from its replica's leader and yields batches without arrays. With
     `steps_per_epoch`, epochs continue through the stream, as in Keras.
+
+    With `x` a `PerReplica`, each replica's readers open and iterate that replica's own
+    stream instead, and agree on each step's sizes and loss divisors (`hyparflow.replicas`).
     """
 
     def __init__(
@@ -165,20 +173,51 @@ class StreamSource:
         self.graph, self.with_targets, self.feed = graph, with_targets, feed
         self.continuing = steps_per_epoch is not None
         self.reads = feed is None or feed.reads
+        self.per_replica: Feed | None = feed if isinstance(x, PerReplica) else None
+        if self.per_replica is None and isinstance(x, PerReplica):
+            raise ConfigError("PerReplica input needs a hyparflow call's feed.")
         mine: tuple | ConfigError | None = None
         if self.reads:
             try:
-                mine = self._open(x, steps_per_epoch, class_weight)
+                per = self.per_replica
+                stream = x.open(InputContext(per.replicas, per.replica)) if per is not None else x
+                mine = self._open(stream, steps_per_epoch, class_weight)
             except ConfigError as e:
                 mine = e
-        info = feed.share(mine) if feed is not None else mine
+        info = self._agree(mine) if self.per_replica else feed.share(mine) if feed is not None else mine
         for found in (mine, info):
             if isinstance(found, ConfigError):
                 raise ConfigError(str(found))
         assert isinstance(info, tuple)
         self.steps, self.signature, sample = info
         self.first = self._first if self.reads else sample
-        self._nothing = Data([], [None] * len(graph.output_names), [None] * len(graph.output_names))
+        self._warned = False
+
+    def _agree(self, mine) -> tuple | ConfigError:
+        """Per-replica streams: every reader's (steps, shapes, sample) on every rank, made one
+        (the fewest steps when all are known; shapes without the batch size must match)."""
+        assert self.per_replica is not None
+        transport = self.per_replica.transport
+        found = [(rank, info) for rank, info in enumerate(transport.allgather(mine)) if info is not None]
+        for _, info in found:
+            if isinstance(info, ConfigError):
+                return info
+        where = transport.grid.where if transport.grid is not None else str
+        signatures = {rank: [None if s is None else (s[0][1:], s[1]) for s in info[1]] for rank, info in found}
+        odd = [where(r) for r, sig in signatures.items() if sig != signatures[found[0][0]]]
+        if odd:
+            return ConfigError(
+                f"The replicas' datasets yield different shapes or dtypes ({', '.join(odd)} differ from "
+                f"{where(found[0][0])}): every replica's dataset must yield the same structure."
+            )
+        steps = [info[0] for _, info in found]
+        if None not in steps and len(set(steps)) > 1 and transport.rank == 0:
+            log.warning(
+                "The replicas' datasets have %s batches (by reading rank): each epoch runs the fewest, %d.",
+                steps,
+                min(steps),
+            )
+        return None if None in steps else min(steps), signatures[found[0][0]], found[0][1][2]
 
     def _open(self, x, steps_per_epoch: int | None, class_weight) -> tuple:
         """Start the stream; (steps, the first batch's shapes, a two-sample slice of it)."""
@@ -216,27 +255,65 @@ class StreamSource:
         step = 0
         while self.steps is None or step < self.steps:
             element = self._next()
-            if element is None:
-                self._announce(0)
+            data = None if element is None else self._convert(element)
+            if self.per_replica is not None:
+                shares = self._replica_step(data)
+                data = None if shares is None else Data(data.x, data.y, data.sw, shares)  # type: ignore[union-attr]
+            sizes = [0] * self.width if data is None else self._sizes_of(data)
+            if self.feed is not None:
+                self.feed.announce(sizes)
+            if data is None:
                 break
-            data = self._convert(element)
-            self._announce(len(data))
-            yield data, np.arange(len(data))
+            yield data, np.arange(sum(sizes))
             step += 1
 
-    def _announce(self, size: int) -> None:
-        if self.feed is not None:
-            self.feed.announce(size)
+    @property
+    def width(self) -> int:
+        """How many sizes the leader announces per batch."""
+        return 1 if self.per_replica is None else self.per_replica.replicas
+
+    @staticmethod
+    def _sizes_of(data: Data) -> list[int]:
+        return [len(data)] if data.shares is None else data.shares.sizes.tolist()
+
+    def _replica_step(self, data: Data | None) -> Shares | None:
+        """Per-replica streams: every replica's batch size and the global batch's loss
+        divisors, summed over the replicas in one allreduce among this stage's readers; None
+        when any replica's stream has ended (the epoch ends there on every rank)."""
+        feed = self.per_replica
+        assert feed is not None and feed.divisors is not None
+        width = 1 + len(self.graph.output_names)
+        local = np.zeros((feed.replicas, width))
+        if data is not None and len(data):
+            local[feed.replica] = [len(data), *feed.divisors(data)]
+        total = np.empty_like(local)
+        feed.transport.allreduce(local, total, "per-replica batch sizes", group="data")
+        sizes = total[:, 0].astype(np.int64)
+        if not sizes.all():
+            left = np.flatnonzero(sizes).tolist()
+            if left and not self._warned and feed.transport.rank == 0:
+                log.warning(
+                    "Replicas %s still had batches when replicas %s ran out: the epoch ends here on every rank and "
+                    "their remaining batches are not used.",
+                    left,
+                    np.flatnonzero(sizes == 0).tolist(),
+                )
+            self._warned = True
+            return None
+        divisors = total[:, 1:].sum(axis=0)
+        return Shares(sizes, np.where(np.isnan(divisors), 1.0, divisors))
 
     def _sizes(self) -> Iterator[tuple[Data, np.ndarray]]:
         """A stage that reads nothing: batches without arrays, as long as the leader's last."""
         assert self.feed is not None
+        nothing: list[np.ndarray | None] = [None] * len(self.graph.output_names)
         step = 0
         while self.steps is None or step < self.steps:
-            size = self.feed.next_size()
-            if size == 0:
+            sizes = self.feed.next_sizes(self.width)
+            if not sizes.any():
                 break
-            yield self._nothing, np.arange(size)
+            shares = None if self.per_replica is None else Shares(sizes, np.ones(len(nothing)))
+            yield Data([], nothing, nothing, shares), np.arange(int(sizes.sum()))
             step += 1
 
 

@@ -213,13 +213,19 @@ class Objective:
         return mask
 
     def divisors(
-        self, xs: list[np.ndarray], ys: list, sws: list, idx: np.ndarray, positions: Sequence[int] | None = None
+        self,
+        xs: list[np.ndarray],
+        ys: list,
+        sws: list,
+        idx: np.ndarray,
+        positions: Sequence[int] | None = None,
+        fill: float = 1.0,
     ) -> np.ndarray:
         """Per output, the quantity of global batch `idx` that `stage_loss` divides by:
         the sample count, the count of unmasked elements, the sum of the (masked) sample
         weights, or 1 for `sum`. Computed the same way, before the step, on every rank that
-        computes the loss of an output in `positions` (default: all; the others stay 1)."""
-        out = np.ones(len(self.losses), np.float64)
+        computes the loss of an output in `positions` (default: all; the others are `fill`)."""
+        out = np.full(len(self.losses), fill, np.float64)
         for pos in range(len(self.losses)) if positions is None else positions:
             fn, red = self.losses[pos], self.reductions[pos]
             if fn is None or not self.counted[pos]:

@@ -165,13 +165,20 @@ class Session:
         return np.array_split(share, min(self.M, len(share))) if len(share) else []
 
     def micro_batches(self, data: Data, idx: np.ndarray) -> tuple[list[MicroBatch], StepNorm]:
-        """This rank's micro-batches of global batch `idx`, and the step's normalisers."""
+        """This rank's micro-batches of global batch `idx`, and the step's normalisers. A
+        batch of a per-replica stream (`data.shares`) holds this replica's rows only."""
         if self.objective is None:
             raise RuntimeError("the session's objective is not built: call start() first")
         timeline = self.timeline
         t0 = now() if timeline is not None else 0.0
-        shares = np.array_split(idx, self.R)
         st = self.stage
+        if data.shares is None:
+            shares = np.array_split(idx, self.R)
+            own, sizes = shares[self.grid.replica], [len(s) for s in shares]
+            divisors = self.objective.divisors(data.x, data.y, data.sw, idx, st.model_outputs)
+        else:
+            sizes, divisors = data.shares.sizes.tolist(), data.shares.divisors
+            own = np.arange(sizes[self.grid.replica])
         micro = [
             MicroBatch(
                 size=len(p),
@@ -179,10 +186,17 @@ class Session:
                 targets=[np.zeros(len(p), np.float32) if (y := data.y[o]) is None else y[p] for o in st.model_outputs],
                 weights=[None if (w := data.sw[o]) is None else w[p] for o in st.model_outputs],
             )
-            for p in self._cut(shares[self.grid.replica])
+            for p in self._cut(own)
         ]
-        divisors = self.objective.divisors(data.x, data.y, data.sw, idx, st.model_outputs)
-        total_micro = sum(min(self.M, len(s)) for s in shares)
+        total_micro = sum(min(self.M, n) for n in sizes)
         if timeline is not None:
             timeline.add("prepare micro-batches", "data", t0)
         return micro, StepNorm(divisors, 1.0 / max(total_micro, 1), len(idx))
+
+    def replica_divisors(self, data: Data) -> np.ndarray:
+        """A replica's batch's part of the global batch's loss divisors (they add up over the
+        replicas); NaN for the outputs whose divisor this stage does not count."""
+        assert self.objective is not None
+        return self.objective.divisors(
+            data.x, data.y, data.sw, np.arange(len(data)), self.stage.model_outputs, fill=np.nan
+        )

@@ -22,6 +22,7 @@ from hyparflow.errors import ConfigError
 from hyparflow.failures import distributed, phase
 from hyparflow.feed import Feed
 from hyparflow.graph import np_dtype
+from hyparflow.replicas import PerReplica
 from hyparflow.session import Session, open_session
 from hyparflow.settings import positive_int, switch
 
@@ -292,6 +293,11 @@ def predict(
     """`model.predict` across the grid (same keywords); every rank returns the full
     predictions. Weights are taken from rank 0 (where `fit` gathers them)."""
     _check_model(model, "predict")
+    if isinstance(x, PerReplica):
+        raise ConfigError(
+            "hyparflow.predict does not take PerReplica input: the order of its predictions would depend on how "
+            "the replicas split the data. Pass one dataset (every replica reads its share of each batch)."
+        )
     if batch_size is not None:
         batch_size = positive_int("batch_size", batch_size, what=" (the global batch)")
     session = open_session(model, comm, _layout(num_partitions, num_replicas, num_microbatches), balance)
