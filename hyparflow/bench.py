@@ -14,7 +14,6 @@ import math
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
@@ -23,10 +22,9 @@ import keras
 
 from hyparflow import inputbench, membench
 from hyparflow.errors import ConfigError
-from hyparflow.launch import Launch
+from hyparflow.launch import job_result, report
 from hyparflow.placement import node_cores, split_cores
 
-RESULT_TAG = "HYPARFLOW_BENCH_RESULT "
 KERAS = "keras model.fit (1 process)"
 
 
@@ -323,7 +321,7 @@ def _worker_main(argv: list[str]) -> int:
     from mpi4py import MPI
 
     if MPI.COMM_WORLD.Get_rank() == 0:
-        print(RESULT_TAG + json.dumps(result), flush=True)
+        report(result)
     return 0
 
 
@@ -389,12 +387,7 @@ def _run(np_: int, kind: str, args, extra: list[str], env: dict[str, str] | None
            "--steps", str(args.steps), "--windows", str(args.windows), "--warmup", str(args.warmup),
            "--epochs", str(args.epochs),
            *(["--balance", args.balance] if args.balance else []), *extra]  # fmt: skip
-    job = Launch(np=np_, command=cmd, settings=dict(env or {}))
-    proc = subprocess.run(job.argv(), env=job.environment(), capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG) :])
-    raise RuntimeError(f"benchmark job {' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return job_result(cmd, np_, env)
 
 
 def _rank_threads(ranks: int) -> int:

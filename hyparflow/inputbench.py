@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
 from typing import Any
 
-RESULT_TAG = "HYPARFLOW_INPUTBENCH_RESULT "
+from hyparflow.launch import job_result, report
+
 WIDTH = 32
 
 
@@ -95,7 +95,7 @@ def _worker_main(argv: list[str]) -> int:
     p.add_argument("--work", type=int, default=60)
     result = worker(p.parse_args(argv))
     if result is not None:
-        print(RESULT_TAG + json.dumps(result), flush=True)
+        report(result)
     return 0
 
 
@@ -108,16 +108,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run(kind: str, replicas: int, args) -> dict:
-    from hyparflow.launch import Launch
-
     cmd = [sys.executable, "-m", "hyparflow.inputbench", kind, "--batch-size", str(args.batch_size),
            "--samples", str(args.input_samples), "--work", str(args.input_work)]  # fmt: skip
-    launch = Launch(np=replicas, command=cmd)
-    proc = subprocess.run(launch.argv(), env=launch.environment(), capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG) :])
-    raise RuntimeError(f"input benchmark job {' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return job_result(cmd, replicas)
 
 
 def main(args) -> int:

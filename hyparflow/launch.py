@@ -7,6 +7,7 @@ hyparflow settings reach the ranks as HYPARFLOW_* environment variables, which
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -141,3 +142,26 @@ class Launch:
     def run(self) -> int:
         """Run the job; returns its exit code."""
         return subprocess.call(self.argv(), env=self.environment())
+
+
+# ---- benchmark jobs ------------------------------------------------------------------------
+RESULT_TAG = "HYPARFLOW_BENCH_RESULT "
+
+
+def report(result) -> None:
+    """Print a benchmark worker's result as the line `job_result` looks for."""
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def job_result(command: list[str], np: int | None, settings: dict[str, str] | None = None) -> dict:
+    """Run `command` on `np` MPI ranks (None: as one plain process) and return what its worker reported."""
+    if np is None:
+        argv, env = command, dict(os.environ)
+    else:
+        job = Launch(np=np, command=command, settings=dict(settings or {}))
+        argv, env = job.argv(), job.environment()
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG) :])
+    raise RuntimeError(f"benchmark job {' '.join(command)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

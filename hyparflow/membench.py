@@ -12,11 +12,11 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 from typing import Any
 
-RESULT_TAG = "HYPARFLOW_MEMBENCH_RESULT "
+from hyparflow.launch import job_result, report
+
 # name: (hidden layers, width, optimizer): the 67 M-parameter MLP with Adam, a
 # second model with another optimizer (one slot per variable) to check the estimate on;
 # a tiny one for tests.
@@ -97,7 +97,7 @@ def _worker_main(argv: list[str]) -> int:
     p.add_argument("--gather", default="rank0")
     result = worker(p.parse_args(argv))
     if result is not None:
-        print(RESULT_TAG + json.dumps(result), flush=True)
+        report(result)
     return 0
 
 
@@ -111,17 +111,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run(kind: str, model: str, args, np_: int = 1, extra: tuple[str, ...] = ()) -> dict:
-    from hyparflow.launch import Launch
-
     cmd = [sys.executable, "-m", "hyparflow.membench", kind, "--model", model,
            "--batch-size", str(args.batch_size), *extra]  # fmt: skip
-    argv = Launch(np=np_, command=cmd).argv() if kind == "hyparflow" else cmd
-    env = Launch(np=np_, command=cmd).environment() if kind == "hyparflow" else dict(os.environ)
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG) :])
-    raise RuntimeError(f"memory benchmark job {' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return job_result(cmd, np_ if kind == "hyparflow" else None)
 
 
 def main(args) -> int:
