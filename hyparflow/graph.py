@@ -371,8 +371,9 @@ class ModelGraph:
             h.update(f"{type(c.layer).__name__}|{c.inputs}|{c.outputs}|{weights}|{sorted(c.context.items())}".encode())
         return h.hexdigest()[:16]
 
-    def set_costs(self, balance: str, sample_batch: int = 8) -> None:
-        """Fill `call.cost` with the chosen cost model ("time", "flops" or "params")."""
+    def set_costs(self, balance: str, microbatch_size: int = 8) -> None:
+        """Fill `call.cost` with the chosen cost model ("time", "flops" or "params");
+        "time" is measured on `microbatch_size` samples, the size a stage will run."""
         if balance not in COST_MODELS:
             raise ConfigError(
                 f"balance={balance!r}: expected one of {COST_MODELS}, a list of layer counts per stage, or a list of "
@@ -384,60 +385,62 @@ class ModelGraph:
         elif balance == "flops":
             costs = [c.flops for c in self.calls]
         else:
-            costs = self._profile(sample_batch)
+            costs = self._profile(microbatch_size)
         # A floor keeps parameter-free layers from being free to stack up in one stage.
         floor = max(max(costs) * 1e-3, 1e-12) if costs else 1.0
         for c, v in zip(self.calls, costs):
             c.cost = max(float(v), floor)
 
     def _profile(self, batch: int) -> list[float]:
-        """Measured forward+backward seconds of each call per `batch` samples.
-
-        Each call is timed at `batch` and at 4 x `batch` samples (best of 3); the
-        difference is the cost that grows with the data, free of the fixed per-call
-        Python overhead that a compiled stage does not pay. The calls run in training
-        mode, so the variables they update (BatchNorm statistics, seeds) are restored.
+        """Seconds each call adds to a compiled stage step: its forward and backward,
+        compiled on its own and timed on `batch` samples (best of 5), less the cost of
+        calling an empty compiled function. Per-op costs that do not grow with the data
+        are kept: at small micro-batches they are much of a stage's time. The calls run
+        in training mode, so the variables they update (BatchNorm statistics, seeds)
+        are restored afterwards.
         """
         import tensorflow as tf
 
         rng = np.random.default_rng(0)
 
-        def sample(t: TensorInfo, n: int):
-            shape = (n,) + tuple(d or 1 for d in t.shape)
+        def sample(t: TensorInfo):
+            shape = (batch,) + tuple(d or 1 for d in t.shape)
             if t.is_float:
                 return tf.constant(rng.standard_normal(shape), dtype=t.dtype)
             return tf.zeros(shape, dtype=t.dtype)
 
-        def timed(c: LayerCall, feeds) -> tuple[float, dict]:
-            best, outs = math.inf, {}
-            for _ in range(3):
+        def best_of(fn, feeds) -> tuple[float, Any]:
+            out = fn(feeds)  # traces
+            best = math.inf
+            for _ in range(5):
                 t0 = time.perf_counter()
+                fn(feeds)
+                best = min(best, time.perf_counter() - t0)
+            return best, out
+
+        def step_of(c: LayerCall):
+            def step(feeds):
+                floats = [v for v in feeds.values() if v.dtype.is_floating]
                 with tf.GradientTape() as tape:
-                    floats = [v for v in feeds.values() if v.dtype.is_floating]
                     tape.watch(floats)
                     outs = run_call(c, feeds, training=True)
                     total = tf.add_n([tf.reduce_sum(tf.cast(o, tf.float32)) for o in outs.values()])
                 sources = floats + list(getattr(c.layer, "trainable_weights", ()))
-                if sources:
-                    tape.gradient(total, sources, unconnected_gradients="zero")
-                best = min(best, time.perf_counter() - t0)
-            return best, outs
+                grads = tape.gradient(total, sources, unconnected_gradients="zero") if sources else []
+                return outs, grads
 
-        small: dict[int, Any] = {}
-        large: dict[int, Any] = {}
+            return tf.function(step)
+
+        empty, _ = best_of(tf.function(lambda feeds: feeds), {0: tf.zeros((batch,))})
+        values: dict[int, Any] = {}
         times = []
         # Only non-trainable state moves in a forward pass (trainable weights would be a copy of the model).
         saved = {id(v): (v, v.numpy()) for c in self.calls for v in getattr(c.layer, "non_trainable_variables", ())}
         for c in self.calls:
-            t_small, out_small = timed(
-                c, {i: small[i] if i in small else sample(self.tensors[i], batch) for i in c.inputs}
-            )
-            t_large, out_large = timed(
-                c, {i: large[i] if i in large else sample(self.tensors[i], 4 * batch) for i in c.inputs}
-            )
-            small.update(out_small)
-            large.update(out_large)
-            times.append(max(t_large - t_small, 0.0) / 3.0)
+            feeds = {i: values[i] if i in values else sample(self.tensors[i]) for i in c.inputs}
+            seconds, (outs, _) = best_of(step_of(c), feeds)
+            values.update(outs)
+            times.append(max(seconds - empty, 0.0))
         for v, value in saved.values():
             v.assign(value)
         return times

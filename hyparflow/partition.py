@@ -307,13 +307,14 @@ def plan(
     num_partitions: int,
     balance: str | Sequence[int] | Sequence[str] | None = None,
     memory_limit: float | None = None,
-    microbatch_size: int = 1,
+    microbatch_size: int = 8,
 ) -> Plan:
     """Split `model` into `num_partitions` contiguous stages.
 
-    balance: a cost model ("time": measured forward+backward per layer, "flops",
-      "params"; default "time" for up to 100 layer calls, else "flops"), a list of
-      layer-call counts per stage, or a list of layer names to cut after.
+    balance: a cost model ("time": each layer call's compiled forward+backward
+      measured on `microbatch_size` samples, "flops", "params"; default "time" for
+      up to 100 layer calls, else "flops"), a list of layer-call counts per stage,
+      or a list of layer names to cut after.
     memory_limit: bytes per stage for weights, gradient accumulators, one step's
       gradients, the compiled optimizer's slots and `microbatch_size` samples of
       activations; the plan's text shows this estimate per stage (`hyparflow.memory`).
@@ -330,7 +331,7 @@ def plan(
         balance = "time" if n <= TIME_PROFILE_MAX_CALLS else "flops"
     optimizer = getattr(model, "optimizer", None)
     if isinstance(balance, str):
-        graph.set_costs(balance)
+        graph.set_costs(balance, microbatch_size)
         # weights, accumulator, one step's gradient and the optimizer's slots, per parameter byte
         per_byte = 3 + memory.slots_per_variable(optimizer)
         need = [float(c.param_bytes * per_byte + c.act_bytes * microbatch_size) for c in graph.calls]

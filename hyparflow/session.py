@@ -38,10 +38,18 @@ _SESSIONS: weakref.WeakKeyDictionary[Any, tuple[tuple, Session]] = weakref.WeakK
 
 
 def open_session(
-    model, comm, layout_kw: dict[str, Any], balance=None, memory_limit=None, announce: bool = False
+    model,
+    comm,
+    layout_kw: dict[str, Any],
+    balance=None,
+    memory_limit=None,
+    announce: bool = False,
+    batch_size: int | None = None,
 ) -> Session:
     """The model's cached session if every rank has one for this layout and compilation,
-    else a new one (the old one is closed). Starts with the bounded rendezvous."""
+    else a new one (the old one is closed). Starts with the bounded rendezvous. A new
+    session's "time" balance is measured at the micro-batch size of `batch_size` (the
+    global batch; Keras's default 32 when the data sets it)."""
     world = Transport(comm)
     layout = Layout.resolve(world.size, **layout_kw)
     key = (id(world.world), layout, repr(balance), memory_limit, keras_compat.compile_identity(model))
@@ -61,13 +69,23 @@ def open_session(
         cached[1].close()
         del _SESSIONS[model]
     memory.restore_zeros(model)  # planning runs the model; the start-up broadcast fills these
-    session = Session(model, layout, balance, memory_limit, world, announce)
+    micro = -(-(batch_size or 32) // (layout.num_replicas * layout.num_microbatches))
+    session = Session(model, layout, balance, memory_limit, world, announce, micro)
     _SESSIONS[model] = (key, session)
     return session
 
 
 class Session:
-    def __init__(self, model, layout: Layout, balance, memory_limit, transport: Transport, announce: bool = False):
+    def __init__(
+        self,
+        model,
+        layout: Layout,
+        balance,
+        memory_limit,
+        transport: Transport,
+        announce: bool = False,
+        microbatch_size: int = 8,
+    ):
         self.model, self.layout, self.transport = model, layout, transport
         self.P, self.R, self.M = layout.num_partitions, layout.num_replicas, layout.num_microbatches
         state.where = ""
@@ -81,7 +99,7 @@ class Session:
             starts: list[int] | ConfigError | None = None
             if transport.rank == 0:
                 try:
-                    starts = make_plan(model, self.P, balance, memory_limit).starts
+                    starts = make_plan(model, self.P, balance, memory_limit, max(1, microbatch_size)).starts
                 except ConfigError as e:
                     starts = e
             starts = transport.bcast(starts, root=0)

@@ -154,7 +154,7 @@ def fit(
     )
     layout = _layout(num_partitions, num_replicas, num_microbatches, schedule, placement_policy)
     recompute = switch("recompute", recompute)
-    session = open_session(model, comm, layout, balance, memory_limit, announce=True)
+    session = open_session(model, comm, layout, balance, memory_limit, announce=True, batch_size=batch_size)
     graph, transport = session.plan.graph, session.transport
     feed = Feed.of(session, with_targets=True)
     train = inputs.source(
@@ -257,7 +257,8 @@ def evaluate(
     _check_model(model, "evaluate")
     if batch_size is not None:
         batch_size = positive_int("batch_size", batch_size, what=" (the global batch)")
-    session = open_session(model, comm, _layout(num_partitions, num_replicas, num_microbatches), balance)
+    layout = _layout(num_partitions, num_replicas, num_microbatches)
+    session = open_session(model, comm, layout, balance, batch_size=batch_size)
     feed = Feed.of(session, with_targets=True)
     data = inputs.source(
         session.plan.graph, x, y, sample_weight, None, batch_size, True, steps=_steps("steps", steps), feed=feed
@@ -300,7 +301,8 @@ def predict(
         )
     if batch_size is not None:
         batch_size = positive_int("batch_size", batch_size, what=" (the global batch)")
-    session = open_session(model, comm, _layout(num_partitions, num_replicas, num_microbatches), balance)
+    layout = _layout(num_partitions, num_replicas, num_microbatches)
+    session = open_session(model, comm, layout, balance, batch_size=batch_size)
     feed = Feed.of(session, with_targets=False)
     data = inputs.source(
         session.plan.graph, x, None, None, None, batch_size, False, steps=_steps("steps", steps), feed=feed
