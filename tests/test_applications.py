@@ -6,8 +6,9 @@ engine and must equal plain Keras `fit` (every weight, BatchNorm statistics incl
 train in float64: at these tiny inputs, BatchNorm in training mode over 1x1 and 2x2 maps
 of 8 samples amplifies float32 rounding so much that Keras differs from itself by up to
 100% when a batch's rows are merely reordered, which no tolerance can test through; in
-float64 that noise floor stays below 1e-9, so the 1e-4 bound is far above noise and far
-below any real error. Dropout rates are set to zero (masks are drawn per process).
+float64 that noise floor stays below 1e-6 (at most 2e-8 measured over the whole family),
+so the 1e-4 bound is far above noise and far below any real error. Dropout rates are set
+to zero (masks are drawn per process).
 
 Larger constructors, up to STAGEWISE_MAX_PARAMS, are checked stagewise at P=4 instead: stage
 by stage, outputs and every variable's gradient equal the whole model's. The rest are planned
@@ -104,7 +105,7 @@ def test_application(name, request):
         x, y = rng.standard_normal((16, size, size, 3)), rng.integers(0, 3, 16)
         r = train_like_keras(lambda: trainable_copy(CONSTRUCTORS[name], size), x, y, num_partitions=4)
         print(f"\n{name} {size}px {params} params, trained P=4 M=1: {r}")
-        assert r.floor < 1e-9 and r.moved > 1e-3, r
+        assert r.floor < TOLERANCE / 100 and r.moved > 1e-3, r  # the bound is far above Keras's own noise
         assert r.err < TOLERANCE, r
     keras.backend.clear_session()
     gc.collect()
