@@ -9,7 +9,6 @@ for all to follow, places replicas x stages on the ranks, and forms the grid's g
 from __future__ import annotations
 
 import logging
-import weakref
 from typing import Any
 
 import numpy as np
@@ -31,10 +30,30 @@ from hyparflow.transport import Transport
 
 log = logging.getLogger("hyparflow")
 
-# The newest session of each model, reused by the next call with the same layout and
-# compilation (its plan, groups and compiled stage functions), as Keras reuses its
-# compiled train function.
-_SESSIONS: weakref.WeakKeyDictionary[Any, tuple[tuple, Session]] = weakref.WeakKeyDictionary()
+
+class _ModelSessions:
+    """The newest session of each model, reused by the next call with the same layout and
+    compilation (its plan, groups and compiled stage functions), as Keras reuses its
+    compiled train function. Kept on the model itself: a session holds its model's layers
+    and variables, so a table beside the models would keep every model ever trained alive,
+    while a model and its session form a cycle that the garbage collector frees together."""
+
+    _ATTR = "_hyparflow_session"
+
+    def get(self, model) -> tuple[tuple, Session] | None:
+        return model.__dict__.get(self._ATTR)
+
+    def __getitem__(self, model) -> tuple[tuple, Session]:
+        return model.__dict__[self._ATTR]
+
+    def __setitem__(self, model, entry: tuple[tuple, Session]) -> None:
+        object.__setattr__(model, self._ATTR, entry)  # past Keras's attribute tracking
+
+    def __delitem__(self, model) -> None:
+        del model.__dict__[self._ATTR]
+
+
+_SESSIONS = _ModelSessions()
 
 
 def open_session(

@@ -170,6 +170,21 @@ def test_a_second_fit_reuses_the_session_and_a_new_layout_or_compile_does_not():
     assert _SESSIONS[model][1] is not second, "a recompiled model gets a new session"
 
 
+def test_a_model_dropped_after_fit_is_freed_with_its_session():
+    """A session holds its model's layers and variables: keeping sessions beside the models
+    would keep every model ever trained in the process (a hyperparameter search) alive."""
+    import gc
+    import weakref
+
+    models, histories = on_grid(
+        2, lambda model, comm: hf.fit(model, X, Y, batch_size=16, num_partitions=2, verbose=0, comm=comm)
+    )
+    refs = [weakref.ref(m) for m in models]
+    del models, histories  # a History holds its model, as in Keras
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+
+
 @pytest.mark.parametrize("steps_per_execution", [1, 2])
 def test_progress_bar_shows_keras_values_with_no_per_step_stop_agreement(monkeypatch, steps_per_execution):
     """With only the progress bar reading batches, the logs reach it a step late (no rank waits
