@@ -118,7 +118,7 @@ class Session:
             starts: list[int] | ConfigError | None = None
             if transport.rank == 0:
                 try:
-                    starts = make_plan(model, self.P, balance, memory_limit, max(1, microbatch_size)).starts
+                    starts = make_plan(model, self.P, balance, memory_limit, microbatch_size).starts
                 except ConfigError as e:
                     starts = e
             starts = transport.bcast(starts, root=0)
