@@ -102,8 +102,8 @@ class Session:
         balance,
         memory_limit,
         transport: Transport,
-        announce: bool = False,
-        microbatch_size: int = 8,
+        announce: bool,
+        microbatch_size: int,
     ):
         self.model, self.layout, self.transport = model, layout, transport
         self.P, self.R, self.M = layout.num_partitions, layout.num_replicas, layout.num_microbatches
