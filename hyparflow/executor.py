@@ -111,6 +111,7 @@ class Executor:
         """Run the schedule over `micro`, reduce, apply. Returns this rank's share of the
         step's loss, and of each output's unweighted loss."""
         c, sizes = self.compute, [mb.size for mb in micro]
+        c.allocate()
         if self.timeline is not None:
             self.timeline.begin_step("train")
         step = _Step(

@@ -9,6 +9,8 @@ their functional graph (so that the graph can be expanded in place). A Keras rel
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from keras.src import ops, tree
@@ -38,6 +40,7 @@ __all__ = [
     "plain_functional",
     "reduce_weighted_values",
     "regularization_losses",
+    "one_update_at_a_time",
     "set_keras_mask",
     "squeeze_or_expand_to_same_rank",
     "unpack_x_y_sample_weight",
@@ -205,3 +208,27 @@ def loss_elements(loss, y_true, y_pred, sample_weight) -> tuple[Any, Any]:
             mask = in_mask if in_mask is not None else out_mask
         weighted = reduce_weighted_values(values, sample_weight, mask, reduction="none", dtype=loss.dtype)
     return weighted, mask
+
+
+@contextlib.contextmanager
+def one_update_at_a_time(optimizer) -> Iterator[None]:
+    """While an optimizer step is traced, start each variable's update after the previous
+    one's last write: TensorFlow would run the independent updates side by side, with every
+    variable's temporaries alive at once. Relies on Keras calling `update_step` per variable."""
+    import tensorflow as tf
+
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer's
+    update = inner.update_step
+    last: list[Any] = []
+
+    def chained(gradient, variable, learning_rate):
+        with tf.control_dependencies(last):
+            gradient = tf.identity(gradient)
+        update(gradient, variable, learning_rate)
+        last[:] = [tf.identity(variable)]
+
+    object.__setattr__(inner, "update_step", chained)
+    try:
+        yield
+    finally:
+        object.__delattr__(inner, "update_step")

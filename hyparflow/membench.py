@@ -17,10 +17,15 @@ from typing import Any
 
 from hyparflow.launch import job_result, report
 
-# name: (hidden layers, width, optimizer): the 67 M-parameter MLP with Adam, a
-# second model with another optimizer (one slot per variable) to check the estimate on;
-# a tiny one for tests.
-MODELS = {"mlp": (16, 2048, "adam"), "mlp-sgd": (8, 3072, "sgd"), "mlp-tiny": (4, 64, "adam")}
+# name: (hidden layers, width, optimizer): the 67 M-parameter MLP with Adam, twice
+# as deep (a rank's fixed runtime, some 60-80 MB, weighs less next to its stage), a model
+# with another optimizer (one slot per variable) to check the estimate on; a tiny one for tests.
+MODELS = {
+    "mlp": (16, 2048, "adam"),
+    "mlp-deep": (32, 2048, "adam"),
+    "mlp-sgd": (8, 3072, "sgd"),
+    "mlp-tiny": (4, 64, "adam"),
+}
 
 
 def _peak_mb() -> float:

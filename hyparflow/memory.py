@@ -96,7 +96,7 @@ class StageMemory:
 
     weights: int  # the stage's variables (tied layers' on each holding stage)
     accumulators: int  # one gradient accumulator per trainable variable
-    gradients: int  # one micro-batch's gradients, live until accumulated
+    gradients: int  # gradients in flight: added into the accumulators as the backward makes them
     optimizer: int  # the optimizer's slots for the stage's trainable variables
     activations: int  # stashed activations of the micro-batches in flight
 
@@ -135,9 +135,13 @@ def estimate(plan, optimizer, microbatch_size: int, num_microbatches: int = 1, s
     out = []
     for st in plan.stages:
         trainable = _bytes(st.trainable_variables)
+        # Measured: about two variables' gradients are alive beside the accumulators while
+        # the compiled backward adds them in, and two temporaries while the optimizer
+        # updates one variable after another.
+        largest = sorted((_bytes([v]) for v in st.trainable_variables), reverse=True)[:2]
         act = sum(c.act_bytes for c in st.calls) + sum(t.bytes_per_sample for t in st.inputs)
         live = in_flight(schedule, plan.num_partitions, st.index, num_microbatches)
-        out.append(StageMemory(_bytes(st.variables), trainable, trainable, slots * trainable,
+        out.append(StageMemory(_bytes(st.variables), trainable, sum(largest), slots * trainable,
                                act * microbatch_size * live))  # fmt: skip
     return out
 

@@ -7,7 +7,9 @@ A stage that sends no float tensor needs no gradient from later stages, so its f
 and backward run fused in one function; others keep the forward's tape until the
 backward's output gradients arrive, or, with `recompute`, keep only the forward's inputs
 and run the forward again under a tape in the backward (activation checkpointing, as
-torchgpipe and DeepSpeed do): memory for time.
+torchgpipe and DeepSpeed do): memory for time. Either way the variables' gradients are
+added into the accumulators inside the compiled backward, so a few layers' gradients are
+alive at a time, never the whole stage's beside its accumulators.
 
 A recomputed forward must draw what the original drew, so the stage's non-trainable
 state (seed generators, BatchNorm statistics) is put back to where it stood before the
@@ -25,7 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from hyparflow.keras_compat import optimizer_variables_for
+from hyparflow.keras_compat import one_update_at_a_time, optimizer_variables_for
 from hyparflow.objective import Objective
 from hyparflow.partition import Plan
 
@@ -93,8 +95,18 @@ class StageCompute:
         # What a training forward may change (seed states, BatchNorm statistics): variables
         # created non-trainable. A frozen layer's weights stay trainable variables and are left out.
         self.state = [v for v in st.variables if not v.trainable]
-        self.acc = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in self.variables]
+        self.acc: list[Any] = []  # made by `allocate`
         self._build()
+
+    def allocate(self) -> None:
+        """Make the optimizer's slots, then the gradient accumulators, before the first
+        training step: by then a rank holds only its stage's weights (rank 0 releases the
+        others once it has sent them), and slots made first find room for their making."""
+        if len(self.acc) == len(self.variables):
+            return
+        if self.optimizer is not None and not getattr(self.optimizer, "built", False):
+            self.optimizer.build(self.variables)
+        self.acc = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in self.variables]
 
     def _run(self, recv_vals, data_vals, ys, sws, divisors, reg_scale, training: bool, *, metrics: bool = True):
         st, obj = self.stage, self.objective
@@ -128,19 +140,49 @@ class StageCompute:
             sends, loss, scaled, per_output = self._train_forward(recv_vals, *rest, metrics=metrics)
         return tape, float_in, sends, loss, scaled, per_output
 
-    def _gradients(self, tape, float_in, scaled, sends, out_grads) -> list[Any]:
+    def _accumulating_forward(self, anchor, recv_vals, *rest):
+        """`_train_forward` whose gradient adds the variables' gradients into the accumulators
+        within the compiled backward and returns the float inputs' gradients only. The
+        backward runs when a gradient is asked of `anchor`, a scalar input every stage has."""
+        float_pos = [i for i, t in enumerate(self.stage.recv) if t in self.recv_float]
+
+        @tf.custom_gradient
+        def run(anchor, *float_in):
+            vals = list(recv_vals)
+            for i, v in zip(float_pos, float_in):
+                vals[i] = v
+            with tf.GradientTape() as tape:
+                tape.watch(float_in)
+                sends, loss, scaled, per_output = self._train_forward(vals, *rest)
+
+            def grad(d_scaled, *d_rest, variables=()):
+                d_sends = dict(zip(self.send_ids, d_rest))
+                out_grads = [d_sends[t] if d_sends[t] is not None else tf.zeros_like(s)
+                             for t, s in zip(self.send_ids, sends) if t in self.send_float]  # fmt: skip
+                grads = self._gradients(tape, list(float_in), d_scaled, scaled, sends, out_grads)
+                with tf.control_dependencies(self._accumulate_now(grads[: len(self.variables)])):
+                    in_grads = [tf.zeros_like(anchor)] + [tf.identity(g) for g in grads[len(self.variables) :]]
+                return in_grads, [None] * len(variables)
+
+            return (scaled, sends, loss, per_output), grad
+
+        float_in = [recv_vals[i] for i in float_pos]
+        scaled, sends, loss, per_output = run(anchor, *float_in)
+        return sends, loss, scaled, per_output
+
+    def _gradients(self, tape, float_in, d_scaled, scaled, sends, out_grads) -> list[Any]:
         """Gradients of the variables, then of the float inputs, given the float sends' gradients."""
         float_out = [s for t, s in zip(self.send_ids, sends) if t in self.send_float]
         return tape.gradient(
             [scaled] + float_out,
             self.variables + float_in,
-            output_gradients=[tf.ones_like(scaled)] + list(out_grads),
+            output_gradients=[d_scaled] + list(out_grads),
             unconnected_gradients=tf.UnconnectedGradients.ZERO,
         )
 
     def _fused(self, recv_vals, *rest):
         tape, float_in, sends, loss, scaled, per_output = self._taped_forward(recv_vals, rest)
-        grads = self._gradients(tape, float_in, scaled, [], [])
+        grads = self._gradients(tape, float_in, tf.ones_like(scaled), scaled, [], [])
         self._accumulate_now(grads[: len(self.variables)])
         return sends, grads[len(self.variables) :], loss, per_output
 
@@ -158,38 +200,44 @@ class StageCompute:
             v.assign(value)
         rest = (data_vals, ys, sws, divisors, reg_scale)
         tape, float_in, sends, _, scaled, _ = self._taped_forward(recv_vals, rest, metrics=False)
-        grads = self._gradients(tape, float_in, scaled, sends, out_grads)
+        grads = self._gradients(tape, float_in, tf.ones_like(scaled), scaled, sends, out_grads)
         for v, value in zip(self.state, now):
             v.assign(value)
         self._accumulate_now(grads[: len(self.variables)])
         return grads[len(self.variables) :]
 
-    def _accumulate_now(self, grads) -> None:
-        for a, g in zip(self.acc, grads):
-            a.assign_add(tf.cast(tf.convert_to_tensor(g), a.dtype))
+    def _accumulate_now(self, grads) -> list[Any]:
+        return [a.assign_add(tf.cast(tf.convert_to_tensor(g), a.dtype)) for a, g in zip(self.acc, grads)]
 
-    def _apply_now(self, grads) -> None:
-        self.optimizer.apply([tf.cast(g, v.dtype) for g, v in zip(grads, self.variables)], self.variables)
+    def _apply_now(self, grads, zero) -> None:
+        """Update the variables one after another, then zero the accumulators one after
+        another, from `zero`, a runtime scalar: zeros the compiler could see would be
+        folded into constants kept as large as the accumulators."""
+        with one_update_at_a_time(self.optimizer):
+            self.optimizer.apply([tf.cast(g, v.dtype) for g, v in zip(grads, self.variables)], self.variables)
+        done = [tf.identity(v) for v in self.variables]  # read after their updates
         for a in self.acc:
-            a.assign(tf.zeros_like(a))
+            with tf.control_dependencies(done):
+                done = [a.assign(tf.fill(tf.shape(a), tf.cast(zero, a.dtype)), read_value=False)]
 
-    def _apply_flat(self, flat) -> None:
+    def _apply_flat(self, flat, zero) -> None:
         sizes = [int(np.prod(v.shape)) for v in self.variables]
         parts = tf.split(flat, sizes) if sizes else []
-        self._apply_now([tf.reshape(p, v.shape) for p, v in zip(parts, self.variables)])
+        self._apply_now([tf.reshape(p, v.shape) for p, v in zip(parts, self.variables)], zero)
 
     def _build(self) -> None:
-        self.train_forward = tf.function(self._train_forward)
+        self.train_forward = tf.function(self._accumulating_forward)
         self.forward_backward = tf.function(self._fused)
         self.forward_from = tf.function(self._forward_from)
         self.recomputed = tf.function(self._recomputed)
-        self.accumulate = tf.function(self._accumulate_now)
         self.flat_grads = tf.function(
             lambda: tf.concat([tf.reshape(tf.cast(a, tf.float32), [-1]) for a in self.acc], 0)
         )
-        self.apply_flat = tf.function(self._apply_flat)
+        apply_flat = tf.function(self._apply_flat)
+        self.apply_flat = lambda flat: apply_flat(flat, tf.zeros(()))
         # Without replicas there is nothing to reduce: apply the accumulators in place.
-        self.apply_accumulated = tf.function(lambda: self._apply_now([a.value() for a in self.acc]))
+        apply_accumulated = tf.function(lambda zero: self._apply_now([a.value() for a in self.acc], zero))
+        self.apply_accumulated = lambda: apply_accumulated(tf.zeros(()))
         self.infer = tf.function(functools.partial(self._run, training=False))
         self.predict = tf.function(self._predict)
 
@@ -209,16 +257,17 @@ class StageCompute:
             return sends, loss, per_output, _Inputs((*args, divisors, reg_scale), before)
         tape = tf.GradientTape()
         with tape:
+            anchor = tf.zeros(())
             float_in = [v for t, v in zip(self.stage.recv, args[0]) if t in self.recv_float]
-            tape.watch(float_in)
-            sends, loss, scaled, per_output = self.train_forward(*args, divisors, reg_scale)
-        return sends, loss, per_output, (tape, float_in, scaled, sends)
+            tape.watch([anchor] + float_in)
+            sends, loss, scaled, per_output = self.train_forward(anchor, *args, divisors, reg_scale)
+        return sends, loss, per_output, (tape, [anchor] + float_in, scaled, sends)
 
     def backward(self, stash, out_grads) -> list[Any]:
         """Accumulate the variables' gradients; returns the float inputs' gradients."""
         if isinstance(stash, _Inputs):
             return self.recomputed(*stash.args, stash.state, out_grads)
-        tape, float_in, scaled, sends = stash
-        grads = self._gradients(tape, float_in, scaled, sends, out_grads)
-        self.accumulate(grads[: len(self.variables)])
-        return grads[len(self.variables) :]
+        tape, sources, scaled, sends = stash
+        float_out = [s for t, s in zip(self.send_ids, sends) if t in self.send_float]
+        grads = tape.gradient([scaled] + float_out, sources, output_gradients=[tf.ones_like(scaled)] + list(out_grads))
+        return grads[1:]

@@ -175,3 +175,41 @@ def test_bench_memory_reports_peaks_and_the_estimate(tmp_path):
     assert len(row["peak_mb"]) == 2 and all(p > report["baseline_mb"] / 2 for p in row["peak_mb"])
     assert [r["weights"] > 0 for r in row["stage_estimate"]] == [True, True]
     assert row["loss"] == pytest.approx(report["variants"]["keras"]["loss"], rel=1e-5)
+
+
+def test_gradients_in_flight_stay_a_few_variables_not_a_stage():
+    """The backward adds each variable's gradient into its accumulator inside the compiled
+    step, and the optimizer updates one variable after another: over a training epoch the
+    process's allocations rise above the live state by a few variables, not by a stage's
+    gradients (12 MB here; 2 loopback ranks in one process)."""
+
+    def wide():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((512,))
+        x = inputs
+        for _ in range(24):
+            x = keras.layers.Dense(512, use_bias=False)(x)  # 1 MB per variable
+        model = keras.Model(inputs, x)
+        model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="mse")
+        return model
+
+    import tensorflow as tf
+
+    class Transient(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            tf.config.experimental.reset_memory_stats("CPU:0")
+            self.live = tf.config.experimental.get_memory_info("CPU:0")["current"]
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.rise = (tf.config.experimental.get_memory_info("CPU:0")["peak"] - self.live) / 2**20
+
+    models, probe = [wide() for _ in range(2)], Transient()
+    x = np.random.default_rng(0).standard_normal((64, 512)).astype("float32")
+
+    def body(comm):
+        callbacks = [probe] if comm.Get_rank() == 0 else []
+        hf.fit(models[comm.Get_rank()], x, x, batch_size=32, epochs=3, shuffle=False, verbose=0,
+               num_partitions=2, num_microbatches=2, gather="none", callbacks=callbacks, comm=comm)  # fmt: skip
+
+    loopback.run(2, body)
+    assert 0 < probe.rise < 8, f"allocations rose {probe.rise:.1f} MB above the live state in an epoch"
