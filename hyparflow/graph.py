@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -243,6 +244,7 @@ class ModelGraph:
 
     def __init__(self, model):
         self.model = model
+        self.profiler: Profiler | None = None  # made by the "time" cost model
         fn = _functional(model)
         self.functional = fn
         expansion = _Expansion(fn)
@@ -392,58 +394,88 @@ class ModelGraph:
             c.cost = max(float(v), floor)
 
     def _profile(self, batch: int) -> list[float]:
-        """Seconds each call adds to a compiled stage step: its forward and backward,
-        compiled on its own and timed on `batch` samples (best of 5), less the cost of
-        calling an empty compiled function. Per-op costs that do not grow with the data
-        are kept: at small micro-batches they are much of a stage's time. The calls run
-        in training mode, so the variables they update (BatchNorm statistics, seeds)
-        are restored afterwards.
-        """
+        """Seconds each call adds to a compiled stage step (`Profiler.call_times`); the
+        profiler is kept for `span_times`."""
+        self.profiler = Profiler(self, batch)
+        return self.profiler.call_times()
+
+    def span_times(self, spans: Sequence[tuple[int, int]]) -> list[float]:
+        """Seconds of the compiled step of each span of calls [a, b), on the micro-batch
+        the "time" cost model was measured on."""
+        if self.profiler is None:
+            raise RuntimeError("span_times needs the time cost model's profile: set_costs('time') first")
+        return [self.profiler.span_time(a, b) for a, b in spans]
+
+
+class Profiler:
+    """Times compiled forward+backward steps of a graph's calls on `batch` samples (best
+    of 5), less the cost of calling an empty compiled function. Per-op costs that do not
+    grow with the data are kept: at small micro-batches they are much of a stage's time.
+    The calls run in training mode, so the variables they update (BatchNorm statistics,
+    seeds) are restored after each timing."""
+
+    def __init__(self, graph: ModelGraph, batch: int):
         import tensorflow as tf
 
-        rng = np.random.default_rng(0)
+        self.graph, self.batch = graph, batch
+        self.values: dict[int, Any] = {}  # every tensor's value, as the calls made it from samples
+        self._rng = np.random.default_rng(0)
+        self.empty = self._best_of(tf.function(lambda feeds: feeds), {0: tf.zeros((batch,))})[0]
 
-        def sample(t: TensorInfo):
-            shape = (batch,) + tuple(d or 1 for d in t.shape)
-            if t.is_float:
-                return tf.constant(rng.standard_normal(shape), dtype=t.dtype)
-            return tf.zeros(shape, dtype=t.dtype)
+    def _sample(self, t: TensorInfo):
+        import tensorflow as tf
 
-        def best_of(fn, feeds) -> tuple[float, Any]:
-            out = fn(feeds)  # traces
-            best = math.inf
-            for _ in range(5):
-                t0 = time.perf_counter()
-                fn(feeds)
-                best = min(best, time.perf_counter() - t0)
-            return best, out
+        if t.index in self.values:
+            return self.values[t.index]
+        shape = (self.batch,) + tuple(d or 1 for d in t.shape)
+        if t.is_float:
+            return tf.constant(self._rng.standard_normal(shape), dtype=t.dtype)
+        return tf.zeros(shape, dtype=t.dtype)
 
-        def step_of(c: LayerCall):
-            def step(feeds):
-                floats = [v for v in feeds.values() if v.dtype.is_floating]
-                with tf.GradientTape() as tape:
-                    tape.watch(floats)
-                    outs = run_call(c, feeds, training=True)
-                    total = tf.add_n([tf.reduce_sum(tf.cast(o, tf.float32)) for o in outs.values()])
-                sources = floats + list(getattr(c.layer, "trainable_weights", ()))
-                grads = tape.gradient(total, sources, unconnected_gradients="zero") if sources else []
-                return outs, grads
+    @staticmethod
+    def _best_of(fn, feeds) -> tuple[float, Any]:
+        out = fn(feeds)  # traces
+        best = math.inf
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn(feeds)
+            best = min(best, time.perf_counter() - t0)
+        return best, out
 
-            return tf.function(step)
+    def _time(self, calls: list[LayerCall]) -> float:
+        """Seconds of one compiled step of `calls` in order; their outputs join `values`."""
+        import tensorflow as tf
 
-        empty, _ = best_of(tf.function(lambda feeds: feeds), {0: tf.zeros((batch,))})
-        values: dict[int, Any] = {}
-        times = []
-        # Only non-trainable state moves in a forward pass (trainable weights would be a copy of the model).
-        saved = {id(v): (v, v.numpy()) for c in self.calls for v in getattr(c.layer, "non_trainable_variables", ())}
-        for c in self.calls:
-            feeds = {i: values[i] if i in values else sample(self.tensors[i]) for i in c.inputs}
-            seconds, (outs, _) = best_of(step_of(c), feeds)
-            values.update(outs)
-            times.append(max(seconds - empty, 0.0))
-        for v, value in saved.values():
+        made = {i for c in calls for i in c.outputs}
+        feeds = {i: self._sample(self.graph.tensors[i]) for c in calls for i in c.inputs if i not in made}
+        used = {i for c in calls for i in c.inputs}
+        leaving = [i for i in made if i not in used] or [i for i in calls[-1].outputs]
+        weights = list({id(w): w for c in calls for w in getattr(c.layer, "trainable_weights", ())}.values())
+
+        def step(feeds):
+            floats = [v for v in feeds.values() if v.dtype.is_floating]
+            values = dict(feeds)
+            with tf.GradientTape() as tape:
+                tape.watch(floats)
+                for c in calls:
+                    values.update(run_call(c, values, training=True))
+                total = tf.add_n([tf.reduce_sum(tf.cast(values[i], tf.float32)) for i in leaving])
+            sources = floats + weights
+            grads = tape.gradient(total, sources, unconnected_gradients="zero") if sources else []
+            return {i: values[i] for i in made}, grads
+
+        state = [(v, v.numpy()) for c in calls for v in getattr(c.layer, "non_trainable_variables", ())]
+        seconds, (outs, _) = self._best_of(tf.function(step), feeds)
+        for v, value in state:
             v.assign(value)
-        return times
+        self.values.update(outs)
+        return max(seconds - self.empty, 0.0)
+
+    def call_times(self) -> list[float]:
+        return [self._time([c]) for c in self.graph.calls]
+
+    def span_time(self, a: int, b: int) -> float:
+        return self._time(self.graph.calls[a:b])
 
 
 def run_call(call: LayerCall, values: dict[int, Any], training: bool) -> dict[int, Any]:

@@ -336,6 +336,8 @@ def plan(
         per_byte = 3 + memory.slots_per_variable(optimizer)
         need = [float(c.param_bytes * per_byte + c.act_bytes * microbatch_size) for c in graph.calls]
         starts = balanced_cuts([c.cost for c in graph.calls], num_partitions, need, memory_limit)
+        if balance == "time" and num_partitions > 1:
+            starts = _calibrated(graph, starts, need, memory_limit)
         return _with_memory(Plan(graph, starts, balance), optimizer, microbatch_size)
     graph.set_costs("flops")
     items: list[Any] = list(balance)
@@ -396,6 +398,18 @@ def _starts_from_names(graph: ModelGraph, names: list[str], parts: int) -> list[
             f"balance={names}: cut-after layers must be in graph order and leave every stage at least one layer."
         )
     return starts
+
+
+def _calibrated(graph: ModelGraph, starts: list[int], need: list[float], memory_limit: float | None) -> list[int]:
+    """Cut again after scaling each stage's call costs to the stage's own compiled step,
+    timed whole: TensorFlow fuses ops across the calls of one compiled function
+    (convolution, normalization, activation), which calls timed alone cannot see."""
+    bounds = list(zip(starts, starts[1:] + [len(graph.calls)]))
+    for (a, b), seconds in zip(bounds, graph.span_times(bounds)):
+        scale = seconds / sum(c.cost for c in graph.calls[a:b])
+        for c in graph.calls[a:b]:
+            c.cost *= scale
+    return balanced_cuts([c.cost for c in graph.calls], len(starts), need, memory_limit)
 
 
 def balanced_cuts(
