@@ -312,7 +312,8 @@ def plan(
     """Split `model` into `num_partitions` contiguous stages.
 
     balance: a cost model ("time": each layer call's compiled forward+backward
-      measured on `microbatch_size` samples, "flops", "params"; default "time" for
+      measured on `microbatch_size` samples, rescaled per stage to the stage's own
+      compiled step, "flops", "params"; default "time" for
       up to 100 layer calls, else "flops"), a list of layer-call counts per stage,
       or a list of layer names to cut after.
     memory_limit: bytes per stage for weights, gradient accumulators, one step's
