@@ -20,6 +20,7 @@ updated by the original forward only.
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,16 @@ class StepNorm:
     divisors: np.ndarray  # per model output: Objective.divisors of the global batch
     reg_scale: float  # 1 / micro-batches run by all replicas of a stage (weight regularizers count once)
     count: int  # samples in the global batch: call-time losses (activity regularizers) are per-sample means
+
+
+_STAGE_GRADIENT = "HyparflowAccumulatingStage"
+
+
+@tf.RegisterGradient(_STAGE_GRADIENT)
+def _stage_gradient(op, d_scaled, *d_rest):
+    """The gradient `StageCompute._accumulating_forward` left in the op's graph."""
+    grad = dict(op.graph.get_collection(_STAGE_GRADIENT))[op.name]
+    return grad(d_scaled, *d_rest)
 
 
 def _optimizer_for(optimizer, model, variables):
@@ -143,32 +154,37 @@ class StageCompute:
     def _accumulating_forward(self, anchor, recv_vals, *rest):
         """`_train_forward` whose gradient adds the variables' gradients into the accumulators
         within the compiled backward and returns the float inputs' gradients only. The
-        backward runs when a gradient is asked of `anchor`, a scalar input every stage has."""
-        float_pos = [i for i, t in enumerate(self.stage.recv) if t in self.recv_float]
+        backward runs when a gradient is asked of `anchor`, a scalar input every stage has.
 
-        @tf.custom_gradient
-        def run(anchor, *float_in):
-            vals = list(recv_vals)
-            for i, v in zip(float_pos, float_in):
-                vals[i] = v
-            with tf.GradientTape() as tape:
-                tape.watch(float_in)
-                sends, loss, scaled, per_output = self._train_forward(vals, *rest)
+        Built as `tf.custom_gradient` builds one, less its flaw: it registers a gradient
+        function per trace for good, holding the variables it read (a model's weights would
+        never be freed). Here one function is registered, and each trace's gradient is kept
+        in the trace's graph, so it goes with the stage's compiled functions."""
+        float_in = [v for t, v in zip(self.stage.recv, recv_vals) if t in self.recv_float]
+        with tf.GradientTape() as tape:
+            tape.watch(float_in)
+            sends, loss, scaled, per_output = self._train_forward(recv_vals, *rest)
+        results = tf.nest.flatten((scaled, sends, loss, per_output))
+        graph = tf.compat.v1.get_default_graph()
+        with graph.gradient_override_map({"IdentityN": _STAGE_GRADIENT}):
+            passed = tf.identity_n(results + [anchor] + float_in)
+        owner = weakref.ref(self)
 
-            def grad(d_scaled, *d_rest, variables=()):
-                d_sends = dict(zip(self.send_ids, d_rest))
-                out_grads = [d_sends[t] if d_sends[t] is not None else tf.zeros_like(s)
-                             for t, s in zip(self.send_ids, sends) if t in self.send_float]  # fmt: skip
-                grads = self._gradients(tape, list(float_in), d_scaled, scaled, sends, out_grads)
-                with tf.control_dependencies(self._accumulate_now(grads[: len(self.variables)])):
-                    in_grads = [tf.zeros_like(anchor)] + [tf.identity(g) for g in grads[len(self.variables) :]]
-                return in_grads, [None] * len(variables)
+        @tf.autograph.experimental.do_not_convert
+        def grad(d_scaled, *d_rest):
+            me = owner()
+            assert me is not None, "a stage's backward was built after the stage was freed"
+            d_sends = dict(zip(me.send_ids, d_rest))
+            out_grads = [d_sends[t] if d_sends[t] is not None else tf.zeros_like(s)
+                         for t, s in zip(me.send_ids, sends) if t in me.send_float]  # fmt: skip
+            grads = me._gradients(tape, float_in, d_scaled, scaled, sends, out_grads)
+            with tf.control_dependencies(me._accumulate_now(grads[: len(me.variables)])):
+                in_grads = [tf.zeros_like(anchor)] + [tf.identity(g) for g in grads[len(me.variables) :]]
+            return [None] * len(results) + in_grads
 
-            return (scaled, sends, loss, per_output), grad
-
-        float_in = [recv_vals[i] for i in float_pos]
-        scaled, sends, loss, per_output = run(anchor, *float_in)
-        return sends, loss, scaled, per_output
+        graph.add_to_collection(_STAGE_GRADIENT, (passed[0].op.name, grad))
+        out = tf.nest.pack_sequence_as((scaled, sends, loss, per_output), passed[: len(results)])
+        return out[1], out[2], out[0], out[3]
 
     def _gradients(self, tape, float_in, d_scaled, scaled, sends, out_grads) -> list[Any]:
         """Gradients of the variables, then of the float inputs, given the float sends' gradients."""

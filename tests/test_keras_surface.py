@@ -14,7 +14,8 @@ import pytest
 import tensorflow as tf
 
 import hyparflow as hf
-from hyparflow import loopback
+from hyparflow import loopback, memory
+from hyparflow.keras_compat import variable_storage
 
 X = np.random.default_rng(0).standard_normal((48, 12)).astype("float32")
 Y = np.random.default_rng(1).integers(0, 3, 48)
@@ -180,9 +181,12 @@ def test_a_model_dropped_after_fit_is_freed_with_its_session():
         2, lambda model, comm: hf.fit(model, X, Y, batch_size=16, num_partitions=2, verbose=0, comm=comm)
     )
     refs = [weakref.ref(m) for m in models]
+    # What backs each held variable: a compiled stage's gradient must not keep it either.
+    storage = [weakref.ref(variable_storage(v)) for m in models for v in m.variables if not memory.is_released(v)]
     del models, histories  # a History holds its model, as in Keras
     gc.collect()
     assert [r() for r in refs] == [None, None]
+    assert sum(r() is not None for r in storage) == 0, f"{len(storage)} variables' storage kept alive"
 
 
 @pytest.mark.parametrize("steps_per_execution", [1, 2])
