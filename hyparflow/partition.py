@@ -339,6 +339,7 @@ def plan(
         starts = balanced_cuts([c.cost for c in graph.calls], num_partitions, need, memory_limit)
         if balance == "time" and num_partitions > 1:
             starts = _calibrated(graph, starts, need, memory_limit)
+        graph.profiler = None  # its sample activations, one per tensor, are needed no more
         return _with_memory(Plan(graph, starts, balance), optimizer, microbatch_size)
     graph.set_costs("flops")
     items: list[Any] = list(balance)
