@@ -408,6 +408,8 @@ def _calibrated(graph: ModelGraph, starts: list[int], need: list[float], memory_
     (convolution, normalization, activation), which calls timed alone cannot see."""
     bounds = list(zip(starts, starts[1:] + [len(graph.calls)]))
     for (a, b), seconds in zip(bounds, graph.span_times(bounds)):
+        if seconds <= 0:  # no more than calling an empty function: nothing to scale to
+            continue
         scale = seconds / sum(c.cost for c in graph.calls[a:b])
         for c in graph.calls[a:b]:
             c.cost *= scale
