@@ -8,7 +8,6 @@ import time
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 import zoo
 from stagewise import check_transparent
 
@@ -142,32 +141,17 @@ def layers_conv(x):
     return keras.layers.Conv2D(64, 3, padding="same")(x)
 
 
-def _stage_times(plan, xs, repeats=10):
-    """Each stage's fastest of `repeats` forward calls: the minimum shrugs off a busy machine."""
-    times = []
-    values = {i: tf.constant(x) for i, x in enumerate(xs)}
-    for st in plan.stages:
-        feeds = {t: values[t] for t in st.recv}
-        feeds.update({i: values[i] for i in st.data_inputs})
-        fn = tf.function(st.forward)
-        out = fn(feeds, training=True)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn(feeds, training=True)
-            best = min(best, time.perf_counter() - start)
-        times.append(best)
-        values.update(out)
-    return times
-
-
-def test_time_balance_beats_equal_counts_on_a_skewed_model():
+def test_time_balance_splits_the_expensive_layers_that_equal_counts_lump_together():
+    """Four convolutions (the first a quarter of the others' work) and nine tiny dense
+    layers: equal counts put every convolution on stage 0; a time balance must cut
+    after the second or third. The cut is checked, not stage timings, which a shared
+    CI machine makes flaky at this scale."""
     model = _skewed_model()
     n = len(ModelGraph(model))
-    timed = hf.plan(model, 2, balance="time")
     equal = hf.plan(model, 2, balance=[n // 2, n - n // 2])
-    xs = [np.random.default_rng(0).standard_normal((32, 16, 16, 16)).astype("float32")]
-    assert max(_stage_times(timed, xs)) < 0.8 * max(_stage_times(equal, xs))
+    assert equal.starts == [0, n // 2]
+    for _ in range(2):
+        assert hf.plan(model, 2, balance="time").starts[1] in (2, 3)
 
 
 def test_5000_layer_model_plans_quickly():
