@@ -23,7 +23,7 @@ import tensorflow as tf
 from hyparflow.failures import phase
 from hyparflow.graph import np_dtype
 from hyparflow.reducer import Reducer
-from hyparflow.schedule import FORWARD, schedule
+from hyparflow.schedule import BACKWARD, FORWARD, schedule
 from hyparflow.stage import MicroBatch, StageCompute, StepNorm
 from hyparflow.timeline import Timeline
 from hyparflow.transport import Transport, aligned_empty, to_numpy, to_tensor
@@ -44,6 +44,7 @@ class _Step:
     bwd_posted: dict
     divisors: Any
     parts: np.ndarray
+    hand_over: int  # the micro-batch whose backward is the step's last, when the step reduces; else -1
     loss: float = 0.0
     pending: list = field(default_factory=list)  # (buffer, request) of sends in flight
     stash: dict = field(default_factory=dict)  # micro-batch -> what its backward needs
@@ -56,6 +57,7 @@ class Executor:
             raise RuntimeError("the executor needs the session's grid: form it first")
         self.grid = transport.grid
         self.reducer = Reducer(transport, compute.loss_scaled, compute.variables, compute.plan.tied)
+        compute.reducer = self.reducer
         self.tag = {t: 2 * i for i, t in enumerate(compute.plan.boundary)}
         self.timers = {"compute": 0.0, "compute_cpu": 0.0, "wait": 0.0, "allreduce": 0.0}
         self.timeline: Timeline | None = None
@@ -114,13 +116,16 @@ class Executor:
         c.allocate()
         if self.timeline is not None:
             self.timeline.begin_step("train")
+        ops = schedule(self.schedule_kind, self.grid.num_partitions, self.grid.stage, len(micro))
+        last = [m for op, m in ops if op == (FORWARD if c.fused else BACKWARD)][-1]
         step = _Step(
             fwd_posted=self._post_recvs(sizes, c.stage.recv, lambda t: [c.src[t]], 0),
             bwd_posted=self._post_recvs(sizes, c.send_float, lambda t: c.dests[t], 1),
             divisors=tf.constant(norm.divisors, tf.float32),
             parts=np.zeros(len(c.plan.graph.output_names)),
+            hand_over=last if self.reducer.needed else -1,
         )
-        for op, m in schedule(self.schedule_kind, self.grid.num_partitions, self.grid.stage, len(micro)):
+        for op, m in ops:
             if op == FORWARD:
                 with phase(f"{'forward and backward' if c.fused else 'forward'} (micro-batch {m})"):
                     self._forward(step, m, micro[m], norm)
@@ -144,12 +149,11 @@ class Executor:
             return
         with phase("allreduce"):
             t0 = time.perf_counter()
-            flat = to_numpy(c.flat_grads()) if c.variables else np.zeros(0, np.float32)
-            summed = self.reducer.reduce(flat)
+            summed = self.reducer.finish()
             t1 = time.perf_counter()
             self.timers["allreduce"] += t1 - t0
             if self.timeline is not None:
-                self.timeline.add("gradient allreduce", "allreduce", t0, t1, {"bytes": flat.nbytes})
+                self.timeline.add("gradient allreduce", "allreduce", t0, t1, {"bytes": summed.nbytes})
         if c.variables:
             with phase("optimizer"), self._span("optimizer", "optimizer"):
                 c.apply_flat(to_tensor(summed))
@@ -171,10 +175,14 @@ class Executor:
         args = self._inputs(step.fwd_posted, m, mb)
         t0 = _clocks()
         if c.fused:
-            sends, in_grads, loss, per_output = c.forward_backward(*args, step.divisors, self._reg_scale(norm, mb))
+            sends, in_grads, loss, per_output = c.forward_backward(
+                *args, step.divisors, self._reg_scale(norm, mb), hand_over=m == step.hand_over
+            )
             step.stash[m] = in_grads
         else:
-            sends, loss, per_output, step.stash[m] = c.forward(args, step.divisors, self._reg_scale(norm, mb))
+            sends, loss, per_output, step.stash[m] = c.forward(
+                args, step.divisors, self._reg_scale(norm, mb), hand_over=m == step.hand_over
+            )
         self._compute_done("fused" if c.fused else "forward", m, t0)
         step.loss += float(loss)
         step.parts[c.stage.model_outputs] += [float(p) for p in per_output]

@@ -83,6 +83,29 @@ class _Recv:
         self.Test()
 
 
+class _Reduce:
+    """An allreduce started by depositing this member's value; it completes, reducing in
+    member order, once every member has deposited."""
+
+    def __init__(self, comm: LoopbackComm, key: tuple, recv: np.ndarray, op: Any):
+        self.comm, self.key, self.recv, self.op, self.done = comm, key, recv, op, False
+
+    def Test(self) -> bool:
+        if not self.done and self.comm._arrived(self.key):
+            self.Wait()
+        return self.done
+
+    def Wait(self) -> None:
+        if self.done:
+            return
+        values = self.comm._collect(self.key)
+        out = values[0].copy()
+        for v in values[1:]:
+            out = np.maximum(out, v) if _is_max(self.op) else out + v
+        self.recv[...] = out
+        self.done = True
+
+
 class LoopbackComm:
     """One rank's view of a group of threads (see the module docstring)."""
 
@@ -97,20 +120,34 @@ class LoopbackComm:
         return len(self.members)
 
     # ---- collectives: every member deposits, every member reads all ------------------
-    def _exchange(self, value: Any) -> list[Any]:
+    def _deposit(self, value: Any) -> tuple:
+        """Put this member's value in the group's next collective; returns its key."""
         world = self.world
         key = (self.group, self.collectives)
         self.collectives += 1
         with world.cond:
-            slot = world.slots.setdefault(key, {})
-            slot[self.me] = value
+            world.slots.setdefault(key, {})[self.me] = value
             world.cond.notify_all()
+        return key
+
+    def _arrived(self, key: tuple) -> bool:
+        with self.world.cond:
+            return len(self.world.slots[key]) >= len(self.members)
+
+    def _collect(self, key: tuple) -> list[Any]:
+        """Every member's value of collective `key`, once all have deposited."""
+        world = self.world
+        with world.cond:
+            slot = world.slots[key]
             world.wait_for(lambda: len(slot) >= len(self.members), f"collective {key}")
             values = [slot[i] for i in range(len(self.members))]
             world.reads[key] = world.reads.get(key, 0) + 1
             if world.reads[key] == len(self.members):
                 del world.slots[key], world.reads[key]
         return values
+
+    def _exchange(self, value: Any) -> list[Any]:
+        return self._collect(self._deposit(value))
 
     def allgather(self, value: Any) -> list[Any]:
         return self._exchange(value)
@@ -126,13 +163,8 @@ class LoopbackComm:
         values = self._exchange(value)
         return max(values) if _is_max(op) else sum(values)
 
-    def Iallreduce(self, send: np.ndarray, recv: np.ndarray, op: Any = None) -> _Done:
-        values = self._exchange(np.array(send, copy=True))
-        out = values[0].copy()
-        for v in values[1:]:
-            out = np.maximum(out, v) if _is_max(op) else out + v
-        recv[...] = out
-        return _Done()
+    def Iallreduce(self, send: np.ndarray, recv: np.ndarray, op: Any = None) -> _Reduce:
+        return _Reduce(self, self._deposit(np.array(send, copy=True)), recv, op)
 
     def Ibcast(self, buf: np.ndarray, root: int = 0) -> _Done:
         values = self._exchange(np.array(buf, copy=True) if self.me == root else None)

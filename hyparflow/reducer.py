@@ -1,7 +1,12 @@
-"""The gradient reducer: sums a stage's accumulated gradients over its replicas (one fused
-buffer, reused every step), sums tied weights' gradients over every stage and replica that
-holds them, and makes every stage agree on skipping a step whose scaled gradients
-overflowed (mixed_float16), so all stages skip and lower the scale together.
+"""The gradient reducer: sums a stage's gradients over its replicas in buckets started
+during the step's last backward, sums tied weights' gradients over every stage and
+replica that holds them, and makes every stage agree on skipping a step whose scaled
+gradients overflowed (mixed_float16), so all stages skip and lower the scale together.
+
+Buckets run in backward order (last variables first, as PyTorch DDP's and Horovod's do):
+the compiled backward hands each one over (`post`) as soon as its variables' gradients
+are complete, so its allreduce overlaps the backward of the layers before it, and only
+what is left when the backward ends is waited on (`finish`).
 
 A tied variable (a layer called on several stages, e.g. an embedding reused for the
 logits) has one copy per holding stage, each with its own optimizer state. Each copy's
@@ -13,12 +18,35 @@ embedding group and DeepSpeed's tied-module all-reduce do.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from hyparflow.transport import Transport, aligned_empty
+
+MIN_BUCKET, MAX_BUCKET = 256 * 1024, 32 * 1024 * 1024  # bytes
+
+
+def bucket_bounds(sizes: Sequence[int], bucket_bytes: float) -> list[tuple[int, int]]:
+    """Variable index ranges [a, b) of at least `bucket_bytes` of float32 gradients each
+    (the first-made bucket may be smaller), from the last variable back to the first."""
+    bounds, stop, acc = [], len(sizes), 0
+    for i in range(len(sizes) - 1, -1, -1):
+        acc += 4 * sizes[i]
+        if acc >= bucket_bytes or i == 0:
+            bounds.append((i, stop))
+            stop, acc = i, 0
+    return bounds
+
+
+def bucket_bytes_for(total_bytes: int) -> float:
+    """HYPARFLOW_BUCKET_MB, else an eighth of the stage's gradients within 256 KiB..32 MiB:
+    enough buckets to overlap, each large enough to cost little more than its bytes."""
+    raw = os.environ.get("HYPARFLOW_BUCKET_MB")
+    return float(raw) * 2**20 if raw else min(max(total_bytes / 8, MIN_BUCKET), MAX_BUCKET)
 
 
 class Reducer:
@@ -28,32 +56,49 @@ class Reducer:
         """`variables`: the stage's trainable variables, in the order of the flat gradient;
         `tied`: the plan's (variable, stage indices) for variables held by several stages."""
         self.transport, self.loss_scaled = transport, loss_scaled
-        self._summed: np.ndarray | None = None
+        sizes = [int(np.prod(v.shape)) for v in variables]
+        offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(int)
+        self.buckets = bucket_bounds(sizes, bucket_bytes_for(4 * int(offsets[-1])))
+        self._slices = [slice(offsets[a], offsets[b]) for a, b in self.buckets]
+        self._local = aligned_empty((int(offsets[-1]),), np.float32)  # this rank's gradients
+        self._summed = aligned_empty((int(offsets[-1]),), np.float32)
+        self._requests: list = []
+        self._posted = 0
         stages_of = {id(v): tuple(stages) for v, stages in tied}
         self.tied: dict[tuple[int, ...], list[slice]] = {}  # stage set -> its variables' slices of the flat gradient
-        offset = 0
-        for v in variables:
-            n = int(np.prod(v.shape))
+        for v, a, b in zip(variables, offsets, offsets[1:]):
             if id(v) in stages_of:
-                self.tied.setdefault(stages_of[id(v)], []).append(slice(offset, offset + n))
-            offset += n
+                self.tied.setdefault(stages_of[id(v)], []).append(slice(a, b))
 
     @property
     def needed(self) -> bool:
         """Whether a step must reduce at all (replicas or tied copies to sum, or a scale to agree on)."""
         return self.transport.group_size("data") > 1 or bool(self.tied) or self.loss_scaled
 
-    def reduce(self, flat: np.ndarray) -> np.ndarray:
-        """The sum of `flat` over this stage's replicas (over the tied group for tied
-        variables), NaN everywhere if any stage's reduced gradients are not finite. The
-        result buffer is reused by the next call."""
-        if self._summed is None or self._summed.shape != flat.shape:
-            self._summed = aligned_empty(flat.shape, flat.dtype)
-        summed = self._summed
-        self.transport.allreduce(flat, summed, "gradient allreduce", group="data")
+    def post(self, k: int, values: np.ndarray) -> None:
+        """Start summing bucket `k` (`values`: its variables' flat gradients) over the
+        replicas. Called from the compiled backward, in bucket order on every replica."""
+        t0 = time.perf_counter()
+        part = self._local[self._slices[k]]
+        part[...] = values
+        self.transport.progress(self._requests)
+        self._requests += self.transport.iallreduce(part, self._summed[self._slices[k]], group="data")
+        self._posted += 1
+        if self.transport.timeline is not None:
+            self.transport.timeline.add(f"allreduce of bucket {k} started", "bucket", t0, args={"bytes": part.nbytes})
+
+    def finish(self) -> np.ndarray:
+        """The step's gradients summed over this stage's replicas (over the tied group for
+        tied variables), NaN everywhere if any stage's reduced gradients are not finite.
+        The result buffer is reused by the next step."""
+        if self._posted != len(self.buckets):
+            raise RuntimeError(f"the backward handed over {self._posted} of {len(self.buckets)} gradient buckets")
+        self.transport.wait(self._requests, "gradient allreduce")
+        self._requests, self._posted = [], 0
+        local, summed = self._local, self._summed
         for stages in sorted(self.tied):  # one order on every rank of overlapping groups
             slices = self.tied[stages]
-            part = np.concatenate([flat[s] for s in slices])
+            part = np.concatenate([local[s] for s in slices])
             total = np.empty_like(part)
             self.transport.allreduce(part, total, f"tied gradient allreduce over stages {list(stages)}", group=stages)
             offset = 0

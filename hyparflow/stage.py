@@ -9,7 +9,9 @@ backward's output gradients arrive, or, with `recompute`, keep only the forward'
 and run the forward again under a tape in the backward (activation checkpointing, as
 torchgpipe and DeepSpeed do): memory for time. Either way the variables' gradients are
 added into the accumulators inside the compiled backward, so a few layers' gradients are
-alive at a time, never the whole stage's beside its accumulators.
+alive at a time, never the whole stage's beside its accumulators. The step's last
+backward also hands each bucket of finished accumulators to the reducer as it completes
+(`Reducer.post`), so the replicas' allreduce overlaps the rest of the backward.
 
 A recomputed forward must draw what the original drew, so the stage's non-trainable
 state (seed generators, BatchNorm statistics) is put back to where it stood before the
@@ -49,6 +51,7 @@ class _Inputs:
 
     args: tuple
     state: list[Any]
+    hand_over: bool
 
 
 @dataclass
@@ -68,6 +71,14 @@ def _stage_gradient(op, d_scaled, *d_rest):
     """The gradient `StageCompute._accumulating_forward` left in the op's graph."""
     grad = dict(op.graph.get_collection(_STAGE_GRADIENT))[op.name]
     return grad(d_scaled, *d_rest)
+
+
+def _post(owner: weakref.ref, k: int, flat: np.ndarray) -> np.int32:
+    """Bucket `k` of the step's gradients, from inside the compiled backward, to the reducer."""
+    me = owner()
+    assert me is not None, "a stage's backward ran after the stage was freed"
+    me.reducer.post(k, flat)
+    return np.int32(k)
 
 
 def _optimizer_for(optimizer, model, variables):
@@ -107,6 +118,7 @@ class StageCompute:
         # created non-trainable. A frozen layer's weights stay trainable variables and are left out.
         self.state = [v for v in st.variables if not v.trainable]
         self.acc: list[Any] = []  # made by `allocate`
+        self.reducer: Any = None  # the executor's `Reducer`, when a step reduces at all
         self._build()
 
     def allocate(self) -> None:
@@ -151,7 +163,7 @@ class StageCompute:
             sends, loss, scaled, per_output = self._train_forward(recv_vals, *rest, metrics=metrics)
         return tape, float_in, sends, loss, scaled, per_output
 
-    def _accumulating_forward(self, anchor, recv_vals, *rest):
+    def _accumulating_forward(self, anchor, recv_vals, *rest, hand_over: bool = False):
         """`_train_forward` whose gradient adds the variables' gradients into the accumulators
         within the compiled backward and returns the float inputs' gradients only. The
         backward runs when a gradient is asked of `anchor`, a scalar input every stage has.
@@ -178,7 +190,7 @@ class StageCompute:
             out_grads = [d_sends[t] if d_sends[t] is not None else tf.zeros_like(s)
                          for t, s in zip(me.send_ids, sends) if t in me.send_float]  # fmt: skip
             grads = me._gradients(tape, float_in, d_scaled, scaled, sends, out_grads)
-            with tf.control_dependencies(me._accumulate_now(grads[: len(me.variables)])):
+            with tf.control_dependencies(me._accumulate_now(grads[: len(me.variables)], hand_over)):
                 in_grads = [tf.zeros_like(anchor)] + [tf.identity(g) for g in grads[len(me.variables) :]]
             return [None] * len(results) + in_grads
 
@@ -196,10 +208,10 @@ class StageCompute:
             unconnected_gradients=tf.UnconnectedGradients.ZERO,
         )
 
-    def _fused(self, recv_vals, *rest):
+    def _fused(self, recv_vals, *rest, hand_over: bool = False):
         tape, float_in, sends, loss, scaled, per_output = self._taped_forward(recv_vals, rest)
         grads = self._gradients(tape, float_in, tf.ones_like(scaled), scaled, [], [])
-        self._accumulate_now(grads[: len(self.variables)])
+        self._accumulate_now(grads[: len(self.variables)], hand_over)
         return sends, grads[len(self.variables) :], loss, per_output
 
     def _forward_from(self, *args):
@@ -208,7 +220,7 @@ class StageCompute:
         sends, loss, _, per_output = self._train_forward(*args)
         return sends, loss, per_output, before
 
-    def _recomputed(self, recv_vals, data_vals, ys, sws, divisors, reg_scale, before, out_grads):
+    def _recomputed(self, recv_vals, data_vals, ys, sws, divisors, reg_scale, before, out_grads, hand_over=False):
         """Run the forward again from state `before`, differentiate and accumulate; leave
         the state as it was found. Returns the float inputs' gradients."""
         now = [tf.identity(v) for v in self.state]
@@ -219,11 +231,23 @@ class StageCompute:
         grads = self._gradients(tape, float_in, tf.ones_like(scaled), scaled, sends, out_grads)
         for v, value in zip(self.state, now):
             v.assign(value)
-        self._accumulate_now(grads[: len(self.variables)])
+        self._accumulate_now(grads[: len(self.variables)], hand_over)
         return grads[len(self.variables) :]
 
-    def _accumulate_now(self, grads) -> list[Any]:
-        return [a.assign_add(tf.cast(tf.convert_to_tensor(g), a.dtype)) for a, g in zip(self.acc, grads)]
+    def _accumulate_now(self, grads, hand_over: bool = False) -> list[Any]:
+        """Add `grads` into the accumulators; with `hand_over` (the step's last backward),
+        then pass each bucket to the reducer once its accumulators are final, in bucket order."""
+        done = [a.assign_add(tf.cast(tf.convert_to_tensor(g), a.dtype)) for a, g in zip(self.acc, grads)]
+        if not hand_over:
+            return done
+        owner = weakref.ref(self)
+        posted: list[Any] = []
+        for k, (a, b) in enumerate(self.reducer.buckets):
+            with tf.control_dependencies(done[a:b] + posted):
+                flat = tf.concat([tf.reshape(tf.cast(acc.read_value(), tf.float32), [-1]) for acc in self.acc[a:b]], 0)
+            post = functools.partial(_post, owner, k)
+            posted = [tf.numpy_function(post, [flat], tf.int32, name=f"hand_over_bucket_{k}")]
+        return done + posted
 
     def _apply_now(self, grads, zero) -> None:
         """Update the variables one after another, then zero the accumulators one after
@@ -246,9 +270,6 @@ class StageCompute:
         self.forward_backward = tf.function(self._fused)
         self.forward_from = tf.function(self._forward_from)
         self.recomputed = tf.function(self._recomputed)
-        self.flat_grads = tf.function(
-            lambda: tf.concat([tf.reshape(tf.cast(a, tf.float32), [-1]) for a in self.acc], 0)
-        )
         apply_flat = tf.function(self._apply_flat)
         self.apply_flat = lambda flat: apply_flat(flat, tf.zeros(()))
         # Without replicas there is nothing to reduce: apply the accumulators in place.
@@ -265,24 +286,27 @@ class StageCompute:
         out = st.forward(feeds, training=False)
         return [out[t] for t in self.send_ids], [out[t] for t in st.output_tensors]
 
-    def forward(self, args, divisors, reg_scale):
+    def forward(self, args, divisors, reg_scale, hand_over: bool = False):
         """Training forward: (sends, loss, per-output, stash for `backward`). The stash is
-        the forward's tape, or with `recompute` its inputs and starting state."""
+        the forward's tape, or with `recompute` its inputs and starting state. With
+        `hand_over`, the stash's backward is the step's last (see `_accumulate_now`)."""
         if self.recompute:
             sends, loss, per_output, before = self.forward_from(*args, divisors, reg_scale)
-            return sends, loss, per_output, _Inputs((*args, divisors, reg_scale), before)
+            return sends, loss, per_output, _Inputs((*args, divisors, reg_scale), before, hand_over)
         tape = tf.GradientTape()
         with tape:
             anchor = tf.zeros(())
             float_in = [v for t, v in zip(self.stage.recv, args[0]) if t in self.recv_float]
             tape.watch([anchor] + float_in)
-            sends, loss, scaled, per_output = self.train_forward(anchor, *args, divisors, reg_scale)
+            sends, loss, scaled, per_output = self.train_forward(
+                anchor, *args, divisors, reg_scale, hand_over=hand_over
+            )
         return sends, loss, per_output, (tape, [anchor] + float_in, scaled, sends)
 
     def backward(self, stash, out_grads) -> list[Any]:
         """Accumulate the variables' gradients; returns the float inputs' gradients."""
         if isinstance(stash, _Inputs):
-            return self.recomputed(*stash.args, stash.state, out_grads)
+            return self.recomputed(*stash.args, stash.state, out_grads, hand_over=stash.hand_over)
         tape, sources, scaled, sends = stash
         float_out = [s for t, s in zip(self.send_ids, sends) if t in self.send_float]
         grads = tape.gradient([scaled] + float_out, sources, output_gradients=[tf.ones_like(scaled)] + list(out_grads))

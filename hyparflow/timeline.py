@@ -3,7 +3,8 @@
 `hf.fit(..., timeline="trace.json")` (or `HYPARFLOW_TIMELINE=trace.json`, as Horovod's
 `HOROVOD_TIMELINE`) records on every rank each forward and backward per micro-batch (one
 fused event on stages that run both at once), each wait on a peer or a collective, each
-send, the gradient allreduce, the optimizer step, data loading and batch preparation, and
+send, the start of each gradient bucket's allreduce ("bucket", inside the backward that
+hands it over) and the wait for them all ("allreduce"), the optimizer step, data loading and batch preparation, and
 callbacks. Rank 0 merges all ranks into one Chrome-trace JSON file (open it in
 https://ui.perfetto.dev or chrome://tracing): one process row per rank, named
 "rank R (replica r, stage s)", with "X" complete events and one "step" event around each

@@ -306,6 +306,12 @@ class Transport:
             return []
         return [comm.Iallreduce(send, recv, op=MPI.SUM)]
 
+    def progress(self, requests: list) -> None:
+        """Let started requests advance (MPI moves nonblocking collectives only inside MPI
+        calls); completed ones become null requests, which `wait` skips."""
+        if requests and self.is_mpi:
+            MPI.Request.Testall(requests)
+
     def bcast_array(self, buffer: np.ndarray, root: int, what: str) -> None:
         """Broadcast `buffer` from world rank `root` (in place)."""
         if self.size > 1:

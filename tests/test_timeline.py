@@ -66,6 +66,8 @@ def check_trace(trace: dict, kind: str, P: int, R: int, M: int, steps: int, test
         assert sum(e["cat"] == "optimizer" for e in mine) == steps
         assert sum(e["cat"] == "allreduce" for e in mine) == (steps if R > 1 else 0)
         assert {e["cat"] for e in mine} >= {"data", "callback", "send", "wait"}
+        if R > 1:
+            check_buckets_start_in_the_last_backward(mine, steps, rank)
         if stage > 0:
             waits = [e for e in mine if e["cat"] == "wait" and "activations of micro-batch" in e["args"]["for"]]
             assert waits and all(e["args"]["peer"] == ranks_of[(replica, stage - 1)] for e in waits)
@@ -79,6 +81,21 @@ def check_trace(trace: dict, kind: str, P: int, R: int, M: int, steps: int, test
             continue
         tol = err[ranks_of[(replica, stage)]] + err[ranks_of[(replica, stage + 1)]] + 0.01
         assert after["ts"] >= before["ts"] + before["dur"] - tol, (replica, stage, i, op, m)
+
+
+def check_buckets_start_in_the_last_backward(mine: list[dict], steps: int, rank: int) -> None:
+    """Each step's gradient buckets are handed to the allreduce in order from inside the
+    step's last compute event (the allreduce overlaps the backward), before it is waited on."""
+    for i in range(steps):
+        in_step = [e for e in mine if e.get("args", {}).get("mode") == "train" and e["args"].get("step") == i]
+        last = max((e for e in in_step if e["cat"] in ("backward", "fused")), key=lambda e: e["ts"])
+        buckets = sorted((e for e in in_step if e["cat"] == "bucket"), key=lambda e: e["ts"])
+        assert [e["name"] for e in buckets] == [f"allreduce of bucket {k} started" for k in range(len(buckets))]
+        assert len(buckets) > 1, f"rank {rank}, step {i}: {len(buckets)} buckets"
+        end = last["ts"] + last["dur"]
+        assert all(last["ts"] <= e["ts"] and e["ts"] + e["dur"] <= end for e in buckets), f"rank {rank}, step {i}"
+        (reduce,) = [e for e in in_step if e["cat"] == "allreduce"]
+        assert reduce["ts"] >= end - 0.01
 
 
 @pytest.mark.mpi

@@ -1,5 +1,5 @@
 """Run on 4 ranks: fit with a timeline, from the argument (1F1B, 2 stages x 2 replicas, with
-validation) and from HYPARFLOW_TIMELINE (GPipe, 4 stages), then a fit with neither.
+validation, a gradient bucket per variable) and from HYPARFLOW_TIMELINE (GPipe, 4 stages), then a fit with neither.
 Writes to argv[1] (rank 0) where the traces are and what each fit ran."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from mpi4py import MPI
 
 import hyparflow as hf
 
+os.environ["HYPARFLOW_BUCKET_MB"] = "0.0001"  # a bucket per variable: several hand-overs per backward
 world = MPI.COMM_WORLD
 rank = world.Get_rank()
 tmp = os.path.join(os.path.dirname(os.path.abspath(sys.argv[1])), "traces")  # the test's own folder
