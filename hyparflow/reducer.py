@@ -60,15 +60,16 @@ class Reducer:
         offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(int)
         self.buckets = bucket_bounds(sizes, bucket_bytes_for(4 * int(offsets[-1])))
         self._slices = [slice(offsets[a], offsets[b]) for a, b in self.buckets]
-        self._local = aligned_empty((int(offsets[-1]),), np.float32)  # this rank's gradients
-        self._summed = aligned_empty((int(offsets[-1]),), np.float32)
-        self._requests: list = []
-        self._posted = 0
         stages_of = {id(v): tuple(stages) for v, stages in tied}
         self.tied: dict[tuple[int, ...], list[slice]] = {}  # stage set -> its variables' slices of the flat gradient
         for v, a, b in zip(variables, offsets, offsets[1:]):
             if id(v) in stages_of:
                 self.tied.setdefault(stages_of[id(v)], []).append(slice(a, b))
+        size = int(offsets[-1]) if self.needed else 0
+        self._local = aligned_empty((size,), np.float32)  # this rank's gradients
+        self._summed = aligned_empty((size,), np.float32)
+        self._requests: list = []
+        self._posted = 0
 
     @property
     def needed(self) -> bool:
