@@ -449,7 +449,7 @@ class Profiler:
         made = {i for c in calls for i in c.outputs}
         feeds = {i: self._sample(self.graph.tensors[i]) for c in calls for i in c.inputs if i not in made}
         used = {i for c in calls for i in c.inputs}
-        leaving = [i for i in made if i not in used] or [i for i in calls[-1].outputs]
+        leaving = [i for i in made if i not in used] or list(calls[-1].outputs)
         weights = list({id(w): w for c in calls for w in getattr(c.layer, "trainable_weights", ())}.values())
 
         def step(feeds):

@@ -220,7 +220,9 @@ class StageCompute:
         sends, loss, _, per_output = self._train_forward(*args)
         return sends, loss, per_output, before
 
-    def _recomputed(self, recv_vals, data_vals, ys, sws, divisors, reg_scale, before, out_grads, hand_over=False):
+    def _recomputed(
+        self, recv_vals, data_vals, ys, sws, divisors, reg_scale, before, out_grads, hand_over: bool = False
+    ):
         """Run the forward again from state `before`, differentiate and accumulate; leave
         the state as it was found. Returns the float inputs' gradients."""
         now = [tf.identity(v) for v in self.state]
