@@ -114,6 +114,7 @@ class Executor:
         step's loss, and of each output's unweighted loss."""
         c, sizes = self.compute, [mb.size for mb in micro]
         c.allocate()
+        self.reducer.begin()
         if self.timeline is not None:
             self.timeline.begin_step("train")
         ops = schedule(self.schedule_kind, self.grid.num_partitions, self.grid.stage, len(micro))

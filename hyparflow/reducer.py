@@ -76,6 +76,11 @@ class Reducer:
         """Whether a step must reduce at all (replicas or tied copies to sum, or a scale to agree on)."""
         return self.transport.group_size("data") > 1 or bool(self.tied) or self.loss_scaled
 
+    def begin(self) -> None:
+        """Forget what an interrupted step handed over (say, a KeyboardInterrupt inside the
+        last backward of a one-rank, loss-scaled fit); called as each step starts."""
+        self._requests, self._posted = [], 0
+
     def post(self, k: int, values: np.ndarray) -> None:
         """Start summing bucket `k` (`values`: its variables' flat gradients) over the
         replicas. Called from the compiled backward, in bucket order on every replica."""

@@ -22,3 +22,33 @@ def test_bucket_size_is_an_eighth_of_the_stage_within_bounds(monkeypatch):
     assert bucket_bytes_for(2**40) == MAX_BUCKET
     monkeypatch.setenv("HYPARFLOW_BUCKET_MB", "0.5")
     assert bucket_bytes_for(2**40) == 2**19
+
+
+def test_a_step_interrupted_in_its_last_backward_leaves_the_next_fit_unharmed(monkeypatch):
+    """A loss-scaled fit reduces even on one rank; if a step stops after handing over
+    some buckets (Ctrl-C in a notebook), the next fit starts its count afresh."""
+    import keras
+    import numpy as np
+
+    import hyparflow as hf
+    from hyparflow.reducer import Reducer
+
+    monkeypatch.setenv("HYPARFLOW_BUCKET_MB", "0.0001")  # a bucket per variable
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1)), "mse")
+    x, y = np.ones((8, 4), "float32"), np.ones((8, 1), "float32")
+    post = Reducer.post
+
+    def interrupted(self, k, values):
+        post(self, k, values)
+        monkeypatch.setattr(Reducer, "post", post)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Reducer, "post", interrupted)
+    with pytest.raises(Exception, match="KeyboardInterrupt"):
+        hf.fit(model, x, y, batch_size=8, verbose=0)
+    before = model.get_weights()
+    history = hf.fit(model, x, y, batch_size=8, epochs=2, verbose=0)
+    assert len(history.history["loss"]) == 2
+    assert not np.allclose(model.get_weights()[0], before[0])
