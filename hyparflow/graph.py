@@ -14,7 +14,6 @@ models (a few levels) is followed recursively.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import time
@@ -402,12 +401,10 @@ class ModelGraph:
 
     def span_times(self, spans: Sequence[tuple[int, int]]) -> list[float]:
         """Seconds of the compiled step of each span of calls [a, b), on the micro-batch
-        the "time" cost model was measured on, each run as a stage of these spans runs:
-        the last fused, the others with their backward apart (`Profiler._time`)."""
+        the "time" cost model was measured on."""
         if self.profiler is None:
             raise RuntimeError("span_times needs the time cost model's profile: set_costs('time') first")
-        last = len(self.calls)
-        return [self.profiler.span_time(a, b, split=b < last) for a, b in spans]
+        return [self.profiler.span_time(a, b) for a, b in spans]
 
 
 class Profiler:
@@ -445,10 +442,8 @@ class Profiler:
             best = min(best, time.perf_counter() - t0)
         return best, out
 
-    def _time(self, calls: list[LayerCall], split: bool = False) -> float:
-        """Seconds of one compiled step of `calls` in order; their outputs join `values`.
-        With `split`, the forward is compiled apart and differentiated from outside, as
-        the executor runs every stage that sends activations on (its backward comes later)."""
+    def _time(self, calls: list[LayerCall]) -> float:
+        """Seconds of one compiled step of `calls` in order; their outputs join `values`."""
         import tensorflow as tf
 
         made = {i for c in calls for i in c.outputs}
@@ -457,25 +452,20 @@ class Profiler:
         leaving = [i for i in made if i not in used] or list(calls[-1].outputs)
         weights = list({id(w): w for c in calls for w in getattr(c.layer, "trainable_weights", ())}.values())
 
-        def forward(feeds):
-            values = dict(feeds)
-            for c in calls:
-                values.update(run_call(c, values, training=True))
-            total = tf.add_n([tf.reduce_sum(tf.cast(values[i], tf.float32)) for i in leaving])
-            return {i: values[i] for i in made}, total
-
-        def step(feeds, forward=forward):
+        def step(feeds):
             floats = [v for v in feeds.values() if v.dtype.is_floating]
+            values = dict(feeds)
             with tf.GradientTape() as tape:
                 tape.watch(floats)
-                outs, total = forward(feeds)
+                for c in calls:
+                    values.update(run_call(c, values, training=True))
+                total = tf.add_n([tf.reduce_sum(tf.cast(values[i], tf.float32)) for i in leaving])
             sources = floats + weights
             grads = tape.gradient(total, sources, unconnected_gradients="zero") if sources else []
-            return outs, grads
+            return {i: values[i] for i in made}, grads
 
         state = [(v, v.numpy()) for c in calls for v in getattr(c.layer, "non_trainable_variables", ())]
-        timed = functools.partial(step, forward=tf.function(forward)) if split else tf.function(step)
-        seconds, (outs, _) = self._best_of(timed, feeds)
+        seconds, (outs, _) = self._best_of(tf.function(step), feeds)
         for v, value in state:
             v.assign(value)
         self.values.update(outs)
@@ -484,8 +474,8 @@ class Profiler:
     def call_times(self) -> list[float]:
         return [self._time([c]) for c in self.graph.calls]
 
-    def span_time(self, a: int, b: int, split: bool) -> float:
-        return self._time(self.graph.calls[a:b], split)
+    def span_time(self, a: int, b: int) -> float:
+        return self._time(self.graph.calls[a:b])
 
 
 def run_call(call: LayerCall, values: dict[int, Any], training: bool) -> dict[int, Any]:

@@ -36,8 +36,6 @@ from hyparflow.graph import (
     weights_of,
 )
 
-CALIBRATION_ROUNDS = 3  # timings of the stages, at most, to settle the "time" cut
-
 
 @dataclass
 class Stage:
@@ -406,27 +404,16 @@ def _starts_from_names(graph: ModelGraph, names: list[str], parts: int) -> list[
 
 def _calibrated(graph: ModelGraph, starts: list[int], need: list[float], memory_limit: float | None) -> list[int]:
     """Cut again after scaling each stage's call costs to the stage's own compiled step,
-    timed whole and as the executor runs it (`ModelGraph.span_times`): TensorFlow fuses
-    ops across the calls of one compiled function, which calls timed alone cannot see,
-    and a stage whose backward runs apart from its forward costs more than one that
-    runs both at once. Moved cuts change what is timed together: re-time until the cut
-    repeats (a few rounds)."""
-    base = [c.cost for c in graph.calls]
-    seen = {tuple(starts)}
-    for _ in range(CALIBRATION_ROUNDS):
-        costs = list(base)
-        bounds = list(zip(starts, starts[1:] + [len(base)]))
-        for (a, b), seconds in zip(bounds, graph.span_times(bounds)):
-            if seconds > 0:  # else no more than calling an empty function: nothing to scale to
-                scale = seconds / sum(base[a:b])
-                costs[a:b] = [cost * scale for cost in base[a:b]]
-        starts = balanced_cuts(costs, len(starts), need, memory_limit)
-        if tuple(starts) in seen:
-            break
-        seen.add(tuple(starts))
-    for call, cost in zip(graph.calls, costs):
-        call.cost = cost
-    return starts
+    timed whole: TensorFlow fuses ops across the calls of one compiled function
+    (convolution, normalization, activation), which calls timed alone cannot see."""
+    bounds = list(zip(starts, starts[1:] + [len(graph.calls)]))
+    for (a, b), seconds in zip(bounds, graph.span_times(bounds)):
+        if seconds <= 0:  # no more than calling an empty function: nothing to scale to
+            continue
+        scale = seconds / sum(c.cost for c in graph.calls[a:b])
+        for c in graph.calls[a:b]:
+            c.cost *= scale
+    return balanced_cuts([c.cost for c in graph.calls], len(starts), need, memory_limit)
 
 
 def balanced_cuts(

@@ -154,34 +154,6 @@ def test_time_balance_splits_the_expensive_layers_that_equal_counts_lump_togethe
         assert hf.plan(model, 2, balance="time").starts[1] in (2, 3)
 
 
-def test_time_balance_calibrates_each_stage_as_it_runs(monkeypatch):
-    """A stage that sends activations on runs its backward apart from its forward, which
-    costs more than the fused step the last stage runs. Ten equal layers on a machine
-    where that costs 1.5x: the cut moves from 5 to 4 (6 against 6), and stays there when
-    the stages are timed again from the new cut."""
-    from hyparflow import partition
-
-    model = keras.Sequential([keras.Input((4,))] + [keras.layers.Dense(4) for _ in range(10)])
-    graph = ModelGraph(model)
-    for call in graph.calls:
-        call.cost = 1.0
-    timed = []
-
-    def span_times(spans):
-        timed.append(list(spans))
-        return [(b - a) * (1.0 if b == len(graph.calls) else 1.5) for a, b in spans]
-
-    monkeypatch.setattr(graph, "span_times", span_times)
-    assert partition._calibrated(graph, [0, 5], [0.0] * 10, None) == [0, 4]
-    assert timed == [[(0, 5), (5, 10)], [(0, 4), (4, 10)]]
-    assert [c.cost for c in graph.calls] == [1.5] * 4 + [1.0] * 6
-
-    flags = []
-    graph.profiler = type("Profiler", (), {"span_time": lambda self, a, b, split: flags.append(split) or 1.0})()
-    ModelGraph.span_times(graph, [(0, 3), (3, 7), (7, 10)])  # the real one, unpatched
-    assert flags == [True, True, False]
-
-
 def test_5000_layer_model_plans_quickly():
     def build():
         inp = keras.Input((4,))
