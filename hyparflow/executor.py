@@ -142,22 +142,31 @@ class Executor:
 
     def _update(self) -> None:
         c = self.compute
-        if not c.variables and not c.loss_scaled:
+        if not c.variables and not c.loss_scaled and c.clip is None:
             return
-        if not self.reducer.needed:
-            with phase("optimizer"), self._span("optimizer", "optimizer"):
-                c.apply_accumulated()
+        summed = None
+        if self.reducer.needed:
+            with phase("allreduce"):
+                t0 = time.perf_counter()
+                summed = self.reducer.finish()
+                t1 = time.perf_counter()
+                self.timers["allreduce"] += t1 - t0
+                if self.timeline is not None:
+                    self.timeline.add("gradient allreduce", "allreduce", t0, t1, {"bytes": summed.nbytes})
+        scale = 1.0
+        if c.clip is not None:
+            with phase("global gradient norm"):
+                squares = 0.0
+                if c.variables:
+                    squares = float(c.acc_squares() if summed is None else c.flat_squares(to_tensor(summed)))
+                scale = self.reducer.clip_scale(squares, c.clip)
+        if not c.variables:
             return
-        with phase("allreduce"):
-            t0 = time.perf_counter()
-            summed = self.reducer.finish()
-            t1 = time.perf_counter()
-            self.timers["allreduce"] += t1 - t0
-            if self.timeline is not None:
-                self.timeline.add("gradient allreduce", "allreduce", t0, t1, {"bytes": summed.nbytes})
-        if c.variables:
-            with phase("optimizer"), self._span("optimizer", "optimizer"):
-                c.apply_flat(to_tensor(summed))
+        with phase("optimizer"), self._span("optimizer", "optimizer"):
+            if summed is None:
+                c.apply_accumulated(scale)
+            else:
+                c.apply_flat(to_tensor(summed), scale)
 
     def _span(self, name: str, cat: str):
         """The block recorded as one timeline event, when a timeline records."""

@@ -232,3 +232,21 @@ def one_update_at_a_time(optimizer) -> Iterator[None]:
         yield
     finally:
         object.__delattr__(inner, "update_step")
+
+
+def global_clipnorm(optimizer) -> float | None:
+    """The norm `optimizer` clips all gradients to, taken together (`global_clipnorm`), if set."""
+    clip = getattr(getattr(optimizer, "inner_optimizer", optimizer), "global_clipnorm", None)
+    return float(clip) if clip else None
+
+
+@contextlib.contextmanager
+def clipped_outside(optimizer) -> Iterator[None]:
+    """While an optimizer step is traced, take its gradients as clipped already: by the
+    whole model's global norm, which the optimizer of one stage cannot see."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    object.__setattr__(inner, "_clip_gradients", lambda grads: grads)
+    try:
+        yield
+    finally:
+        object.__delattr__(inner, "_clip_gradients")

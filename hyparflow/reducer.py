@@ -8,6 +8,10 @@ the compiled backward hands each one over (`post`) as soon as its variables' gra
 are complete, so its allreduce overlaps the backward of the layers before it, and only
 what is left when the backward ends is waited on (`finish`).
 
+With an optimizer's `global_clipnorm` and several stages, the stages' sums of squared
+gradients are summed over the pipeline (`clip_scale`), so every stage clips by the whole
+model's norm, as Keras's one optimizer does.
+
 A tied variable (a layer called on several stages, e.g. an embedding reused for the
 logits) has one copy per holding stage, each with its own optimizer state. Each copy's
 gradient is only its stage's share; all-reducing the shares over the tied group of those
@@ -119,3 +123,12 @@ class Reducer:
             if every[0] < self.transport.size:
                 summed[:] = np.nan
         return summed
+
+    def clip_scale(self, squares: float, clip: float) -> float:
+        """Keras's `clip_by_global_norm` factor for the whole model's gradients, given this
+        stage's sum of their squares (NaN when the norm is not finite)."""
+        total = np.empty(1, np.float32)
+        self.transport.allreduce(np.array([squares], np.float32), total, "global gradient norm", group="pipe")
+        norm = np.sqrt(total[0])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return float(np.float32(clip) * np.minimum(np.float32(1) / norm, np.float32(1 / clip)) + (norm - norm))

@@ -21,6 +21,7 @@ updated by the original forward only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 from dataclasses import dataclass
@@ -30,7 +31,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from hyparflow.keras_compat import one_update_at_a_time, optimizer_variables_for
+from hyparflow.errors import ConfigError
+from hyparflow.keras_compat import clipped_outside, global_clipnorm, one_update_at_a_time, optimizer_variables_for
 from hyparflow.objective import Objective
 from hyparflow.partition import Plan
 
@@ -111,6 +113,17 @@ class StageCompute:
         self.variables = st.trainable_variables
         self.optimizer = _optimizer_for(optimizer, plan.graph.model, self.variables)
         self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        # global_clipnorm over several stages: the executor sums the stages' squares and
+        # scales the gradients; each tied variable counts once, on its first stage.
+        self.clip = global_clipnorm(self.optimizer) if len(plan.stages) > 1 else None
+        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        if self.clip is not None and getattr(inner, "gradient_accumulation_steps", None):
+            raise ConfigError(
+                "global_clipnorm with the optimizer's gradient_accumulation_steps is not supported across stages; "
+                "use num_microbatches, or clipnorm (per variable)."
+            )
+        first = {id(v): min(stages) for v, stages in plan.tied}
+        self.counted = [first.get(id(v), index) == index for v in self.variables]
         self.fused = not self.send_float
         # Set by each fit call; meaningless for a fused stage: its backward follows its forward at once.
         self.recompute = False
@@ -251,32 +264,49 @@ class StageCompute:
             posted = [tf.numpy_function(post, [flat], tf.int32, name=f"hand_over_bucket_{k}")]
         return done + posted
 
-    def _apply_now(self, grads, zero) -> None:
+    def _apply_now(self, grads, zero, scale) -> None:
         """Update the variables one after another, then zero the accumulators one after
         another, from `zero`, a runtime scalar: zeros the compiler could see would be
-        folded into constants kept as large as the accumulators."""
-        with one_update_at_a_time(self.optimizer):
-            self.optimizer.apply([tf.cast(g, v.dtype) for g, v in zip(grads, self.variables)], self.variables)
+        folded into constants kept as large as the accumulators. With `clip`, the
+        gradients are multiplied by `scale` (the global norm's clip factor) instead of clipped here."""
+        grads = [tf.cast(g, v.dtype) for g, v in zip(grads, self.variables)]
+        clipping: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if self.clip is not None:
+            grads = [g * tf.cast(scale, g.dtype) for g in grads]
+            clipping = clipped_outside(self.optimizer)
+        with one_update_at_a_time(self.optimizer), clipping:
+            self.optimizer.apply(grads, self.variables)
         done = [tf.identity(v) for v in self.variables]  # read after their updates
         for a in self.acc:
             with tf.control_dependencies(done):
                 done = [a.assign(tf.fill(tf.shape(a), tf.cast(zero, a.dtype)), read_value=False)]
 
-    def _apply_flat(self, flat, zero) -> None:
+    def _unflatten(self, flat) -> list[Any]:
         sizes = [int(np.prod(v.shape)) for v in self.variables]
         parts = tf.split(flat, sizes) if sizes else []
-        self._apply_now([tf.reshape(p, v.shape) for p, v in zip(parts, self.variables)], zero)
+        return [tf.reshape(p, v.shape) for p, v in zip(parts, self.variables)]
+
+    def _squares(self, grads):
+        """The sum of the squared gradients this stage counts, as the optimizer would see
+        them (unscaled, under a LossScaleOptimizer)."""
+        total = tf.add_n([tf.zeros(())] + [tf.reduce_sum(tf.square(tf.cast(g, tf.float32)))
+                                           for g, counted in zip(grads, self.counted) if counted])  # fmt: skip
+        if self.loss_scaled:
+            total /= tf.square(tf.cast(self.optimizer.dynamic_scale, tf.float32))
+        return total
 
     def _build(self) -> None:
         self.train_forward = tf.function(self._accumulating_forward)
         self.forward_backward = tf.function(self._fused)
         self.forward_from = tf.function(self._forward_from)
         self.recomputed = tf.function(self._recomputed)
-        apply_flat = tf.function(self._apply_flat)
-        self.apply_flat = lambda flat: apply_flat(flat, tf.zeros(()))
+        apply_flat = tf.function(lambda flat, zero, scale: self._apply_now(self._unflatten(flat), zero, scale))
+        self.apply_flat = lambda flat, scale=1.0: apply_flat(flat, tf.zeros(()), tf.constant(scale, tf.float32))
         # Without replicas there is nothing to reduce: apply the accumulators in place.
-        apply_accumulated = tf.function(lambda zero: self._apply_now([a.value() for a in self.acc], zero))
-        self.apply_accumulated = lambda: apply_accumulated(tf.zeros(()))
+        apply_accumulated = tf.function(lambda zero, scale: self._apply_now([a.value() for a in self.acc], zero, scale))
+        self.apply_accumulated = lambda scale=1.0: apply_accumulated(tf.zeros(()), tf.constant(scale, tf.float32))
+        self.flat_squares = tf.function(lambda flat: self._squares(self._unflatten(flat)))
+        self.acc_squares = tf.function(lambda: self._squares([a.value() for a in self.acc]))
         self.infer = tf.function(functools.partial(self._run, training=False))
         self.predict = tf.function(self._predict)
 

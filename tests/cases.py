@@ -36,6 +36,9 @@ CASES: dict[str, tuple] = {
     # activation recomputation: BatchNorm stages; an early head with regularizers and sample weights
     "recompute resnet_bn P4 M1 adam": ("resnet_bn", 4, 1, "1f1b", "adam", 48, 16, False, 1),
     "recompute multi_io P2 R2 M2 gpipe": ("multi_io", 2, 2, "gpipe", "sgd", 48, 16, True, 1),
+    # global_clipnorm clips by the whole model's norm: summed over stages, tied weights once
+    "global_clipnorm mlp P4 M4 adam": ("mlp", 4, 4, "1f1b", "adam clip", 48, 16, False, 1),
+    "global_clipnorm tied_lm P2 R2 M2": ("tied_lm", 2, 2, "1f1b", "sgd clip", 32, 16, False, 1),
 }
 # Further hf.fit keywords of some cases.
 FIT_KW: dict[str, dict] = {key: {"recompute": True} for key in CASES if key.startswith("recompute ")}
@@ -45,8 +48,10 @@ def compiled(name: str, optimizer: str):
     model = getattr(zoo, name)()
     n_out = len(model.outputs)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    kind, _, clip = optimizer.partition(" ")  # "adam clip": a global_clipnorm every step reaches
+    kw = {"global_clipnorm": 0.1} if clip else {}
     model.compile(
-        optimizer=keras.optimizers.get(optimizer) if optimizer != "sgd" else keras.optimizers.SGD(0.1),
+        optimizer=keras.optimizers.SGD(0.1, **kw) if kind == "sgd" else type(keras.optimizers.get(kind))(**kw),
         loss=[loss] * n_out if n_out > 1 else loss,
         loss_weights=[1.0, 0.5] if n_out > 1 else None,
         metrics=[["accuracy"]] * n_out if n_out > 1 else ["accuracy"],

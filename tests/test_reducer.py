@@ -52,3 +52,52 @@ def test_a_step_interrupted_in_its_last_backward_leaves_the_next_fit_unharmed(mo
     history = hf.fit(model, x, y, batch_size=8, epochs=2, verbose=0)
     assert len(history.history["loss"]) == 2
     assert not np.allclose(model.get_weights()[0], before[0])
+
+
+def test_global_clipnorm_under_loss_scaling_clips_the_unscaled_gradients():
+    """A LossScaleOptimizer clips its inner optimizer's unscaled gradients: the norm the
+    stages sum must be of those, not of the scaled ones (2 stages x 2 replicas, loopback)."""
+    import keras
+    import numpy as np
+    import zoo
+
+    import hyparflow as hf
+    from hyparflow import loopback
+
+    def make():
+        keras.utils.set_random_seed(0)
+        model = zoo.mlp()
+        inner = keras.optimizers.SGD(0.1, global_clipnorm=0.1)
+        model.compile(keras.optimizers.LossScaleOptimizer(inner), keras.losses.SparseCategoricalCrossentropy(True))
+        return model
+
+    x, y = zoo.sample_inputs(make(), 48)[0], zoo.sample_targets(make(), 48)[0]
+    models = [make() for _ in range(4)]
+    kw = dict(batch_size=16, num_partitions=2, num_microbatches=2, shuffle=False, verbose=0, balance="flops")
+    loopback.run(4, lambda comm: hf.fit(models[comm.Get_rank()], x, y, comm=comm, **kw))
+    ref, initial = make(), make().get_weights()
+    ref.fit(x, y, batch_size=16, shuffle=False, verbose=0)
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(ref.get_weights(), initial))
+    err = max(float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(models[0].get_weights(), ref.get_weights()))
+    assert moved > 1e-3
+    assert err < 1e-5, f"max relative weight difference {err:.2e}"
+
+
+def test_global_clipnorm_with_the_optimizers_own_accumulation_is_refused_across_stages():
+    import keras
+    import numpy as np
+    import zoo
+
+    import hyparflow as hf
+    from hyparflow import loopback
+
+    def make():
+        model = zoo.mlp()
+        opt = keras.optimizers.SGD(0.1, global_clipnorm=0.1, gradient_accumulation_steps=2)
+        model.compile(opt, keras.losses.SparseCategoricalCrossentropy(True))
+        return model
+
+    models, x = [make() for _ in range(2)], np.zeros((8,) + tuple(zoo.mlp().input_shape[1:]), "float32")
+    with pytest.raises(Exception, match="gradient_accumulation_steps is not supported across stages"):
+        loopback.run(2, lambda comm: hf.fit(models[comm.Get_rank()], x, np.zeros(8, "int32"), batch_size=8,
+                                            num_partitions=2, verbose=0, comm=comm))  # fmt: skip
