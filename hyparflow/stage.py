@@ -301,10 +301,10 @@ class StageCompute:
         self.forward_from = tf.function(self._forward_from)
         self.recomputed = tf.function(self._recomputed)
         apply_flat = tf.function(lambda flat, zero, scale: self._apply_now(self._unflatten(flat), zero, scale))
-        self.apply_flat = lambda flat, scale=1.0: apply_flat(flat, tf.zeros(()), tf.constant(scale, tf.float32))
+        self.apply_flat = lambda flat, scale: apply_flat(flat, tf.zeros(()), tf.constant(scale, tf.float32))
         # Without replicas there is nothing to reduce: apply the accumulators in place.
         apply_accumulated = tf.function(lambda zero, scale: self._apply_now([a.value() for a in self.acc], zero, scale))
-        self.apply_accumulated = lambda scale=1.0: apply_accumulated(tf.zeros(()), tf.constant(scale, tf.float32))
+        self.apply_accumulated = lambda scale: apply_accumulated(tf.zeros(()), tf.constant(scale, tf.float32))
         self.flat_squares = tf.function(lambda flat: self._squares(self._unflatten(flat)))
         self.acc_squares = tf.function(lambda: self._squares([a.value() for a in self.acc]))
         self.infer = tf.function(functools.partial(self._run, training=False))
