@@ -160,13 +160,15 @@ class Executor:
                 if c.variables:
                     squares = float(c.acc_squares() if summed is None else c.flat_squares(to_tensor(summed)))
                 scale = self.reducer.clip_scale(squares, c.clip)
+                if summed is not None:  # here, so every holder of a tied variable updates it alike
+                    summed *= np.float32(scale)
         if not c.variables:
             return
         with phase("optimizer"), self._span("optimizer", "optimizer"):
             if summed is None:
                 c.apply_accumulated(scale)
             else:
-                c.apply_flat(to_tensor(summed), scale)
+                c.apply_flat(to_tensor(summed))
 
     def _span(self, name: str, cat: str):
         """The block recorded as one timeline event, when a timeline records."""

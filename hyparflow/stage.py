@@ -264,15 +264,17 @@ class StageCompute:
             posted = [tf.numpy_function(post, [flat], tf.int32, name=f"hand_over_bucket_{k}")]
         return done + posted
 
-    def _apply_now(self, grads, zero, scale) -> None:
+    def _apply_now(self, grads, zero, scale=None) -> None:
         """Update the variables one after another, then zero the accumulators one after
         another, from `zero`, a runtime scalar: zeros the compiler could see would be
         folded into constants kept as large as the accumulators. With `clip`, the
-        gradients are multiplied by `scale` (the global norm's clip factor) instead of clipped here."""
+        gradients come clipped by the whole model's norm, or are multiplied here by `scale`
+        (that norm's clip factor), and the optimizer does not clip them again."""
         grads = [tf.cast(g, v.dtype) for g, v in zip(grads, self.variables)]
         clipping: contextlib.AbstractContextManager = contextlib.nullcontext()
         if self.clip is not None:
-            grads = [g * tf.cast(scale, g.dtype) for g in grads]
+            if scale is not None:
+                grads = [g * tf.cast(scale, g.dtype) for g in grads]
             clipping = clipped_outside(self.optimizer)
         with one_update_at_a_time(self.optimizer), clipping:
             self.optimizer.apply(grads, self.variables)
@@ -300,8 +302,8 @@ class StageCompute:
         self.forward_backward = tf.function(self._fused)
         self.forward_from = tf.function(self._forward_from)
         self.recomputed = tf.function(self._recomputed)
-        apply_flat = tf.function(lambda flat, zero, scale: self._apply_now(self._unflatten(flat), zero, scale))
-        self.apply_flat = lambda flat, scale: apply_flat(flat, tf.zeros(()), tf.constant(scale, tf.float32))
+        apply_flat = tf.function(lambda flat, zero: self._apply_now(self._unflatten(flat), zero))
+        self.apply_flat = lambda flat: apply_flat(flat, tf.zeros(()))
         # Without replicas there is nothing to reduce: apply the accumulators in place.
         apply_accumulated = tf.function(lambda zero, scale: self._apply_now([a.value() for a in self.acc], zero, scale))
         self.apply_accumulated = lambda scale: apply_accumulated(tf.zeros(()), tf.constant(scale, tf.float32))

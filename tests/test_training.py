@@ -19,8 +19,9 @@ TOLERANCE = 1e-4
 pytestmark = pytest.mark.usefixtures("float64")
 
 
-def compiled(model, lr=0.1):
-    model.compile(optimizer=keras.optimizers.SGD(lr), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+def compiled(model, lr=0.1, **optimizer_kw):
+    optimizer = keras.optimizers.SGD(lr, **optimizer_kw)
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
 
 
@@ -54,6 +55,14 @@ def test_keras_hub_causal_lm_ties_its_token_embedding():
     build = lambda: compiled(pooled(zoo.hub_causal_lm()))  # noqa: E731
     x, y = tokens(build())
     check(train_like_keras(build, x, y, 4))
+
+
+def test_global_clipnorm_clips_by_the_whole_models_norm_and_keeps_tied_copies_identical():
+    """The causal LM's token embedding is held by two stages; its gradient counts once in
+    the norm, and both copies take bit-identical clipped updates."""
+    build = lambda: compiled(pooled(zoo.hub_causal_lm()), global_clipnorm=0.05)  # noqa: E731
+    x, y = tokens(build())
+    check(train_like_keras(build, x, y, 4), tied=1)
 
 
 def test_keras_hub_backbone_nested_with_a_head():
