@@ -210,6 +210,11 @@ def loss_elements(loss, y_true, y_pred, sample_weight) -> tuple[Any, Any]:
     return weighted, mask
 
 
+def inner_optimizer(optimizer):
+    """The optimizer that updates the variables: a LossScaleOptimizer's wrapped one, else itself."""
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
 @contextlib.contextmanager
 def one_update_at_a_time(optimizer) -> Iterator[None]:
     """While an optimizer step is traced, start each variable's update after the previous
@@ -217,7 +222,7 @@ def one_update_at_a_time(optimizer) -> Iterator[None]:
     variable's temporaries alive at once. Relies on Keras calling `update_step` per variable."""
     import tensorflow as tf
 
-    inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer's
+    inner = inner_optimizer(optimizer)
     update = inner.update_step
     last: list[Any] = []
 
@@ -236,7 +241,7 @@ def one_update_at_a_time(optimizer) -> Iterator[None]:
 
 def global_clipnorm(optimizer) -> float | None:
     """The norm `optimizer` clips all gradients to, taken together (`global_clipnorm`), if set."""
-    clip = getattr(getattr(optimizer, "inner_optimizer", optimizer), "global_clipnorm", None)
+    clip = getattr(inner_optimizer(optimizer), "global_clipnorm", None)
     return float(clip) if clip else None
 
 
@@ -244,7 +249,7 @@ def global_clipnorm(optimizer) -> float | None:
 def clipped_outside(optimizer) -> Iterator[None]:
     """While an optimizer step is traced, take its gradients as clipped already: by the
     whole model's global norm, which the optimizer of one stage cannot see."""
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    inner = inner_optimizer(optimizer)
     object.__setattr__(inner, "_clip_gradients", lambda grads: grads)
     try:
         yield

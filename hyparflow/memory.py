@@ -112,7 +112,7 @@ def slots_per_variable(optimizer) -> int:
 
     if optimizer is None:
         return 0
-    inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer wraps one
+    inner = keras_compat.inner_optimizer(optimizer)
     counts = []
     for variables in ([], [keras.Variable(np.zeros(3, "float32"))]):
         fresh = inner.__class__.from_config(inner.get_config())

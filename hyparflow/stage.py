@@ -32,7 +32,13 @@ import numpy as np
 import tensorflow as tf
 
 from hyparflow.errors import ConfigError
-from hyparflow.keras_compat import clipped_outside, global_clipnorm, one_update_at_a_time, optimizer_variables_for
+from hyparflow.keras_compat import (
+    clipped_outside,
+    global_clipnorm,
+    inner_optimizer,
+    one_update_at_a_time,
+    optimizer_variables_for,
+)
 from hyparflow.objective import Objective
 from hyparflow.partition import Plan
 
@@ -116,8 +122,7 @@ class StageCompute:
         # global_clipnorm over several stages: the executor sums the stages' squares and
         # scales the gradients; each tied variable counts once, on its first stage.
         self.clip = global_clipnorm(self.optimizer) if len(plan.stages) > 1 else None
-        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
-        if self.clip is not None and getattr(inner, "gradient_accumulation_steps", None):
+        if self.clip is not None and getattr(inner_optimizer(self.optimizer), "gradient_accumulation_steps", None):
             raise ConfigError(
                 "global_clipnorm with the optimizer's gradient_accumulation_steps is not supported across stages; "
                 "use num_microbatches, or clipnorm (per variable)."
