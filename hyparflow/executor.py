@@ -153,20 +153,18 @@ class Executor:
                 self.timers["allreduce"] += t1 - t0
                 if self.timeline is not None:
                     self.timeline.add("gradient allreduce", "allreduce", t0, t1, {"bytes": summed.nbytes})
-        scale = 1.0
+        factors = None
         if c.clip is not None:
-            with phase("global gradient norm"):
-                squares = 0.0
-                if c.variables:
-                    squares = float(c.acc_squares() if summed is None else c.flat_squares(to_tensor(summed)))
-                scale = self.reducer.clip_scale(squares, c.clip)
-                if summed is not None:  # here, so every holder of a tied variable updates it alike
-                    summed *= np.float32(scale)
+            with phase("gradient norms"):
+                squares, rows = c.acc_squares() if summed is None else c.flat_squares(to_tensor(summed))
+                factors = self.reducer.clip_factors(squares.numpy(), rows.numpy(), c.sparse, c.counted, c.clip)
+                if summed is not None:
+                    self.reducer.scale(summed, factors)
         if not c.variables:
             return
         with phase("optimizer"), self._span("optimizer", "optimizer"):
             if summed is None:
-                c.apply_accumulated(scale)
+                c.apply_accumulated(np.ones(len(c.variables)) if factors is None else factors)
             else:
                 c.apply_flat(to_tensor(summed))
 

@@ -239,16 +239,21 @@ def one_update_at_a_time(optimizer) -> Iterator[None]:
         object.__delattr__(inner, "update_step")
 
 
-def global_clipnorm(optimizer) -> float | None:
-    """The norm `optimizer` clips all gradients to, taken together (`global_clipnorm`), if set."""
-    clip = getattr(inner_optimizer(optimizer), "global_clipnorm", None)
-    return float(clip) if clip else None
+def norm_clipping(optimizer) -> tuple[str, float] | None:
+    """How `optimizer` clips gradients by norm, if it does: ("global_clipnorm", c), all of
+    them by their joint norm, or ("clipnorm", c), each by its own."""
+    inner = inner_optimizer(optimizer)
+    for kind in ("global_clipnorm", "clipnorm"):
+        clip = getattr(inner, kind, None)
+        if clip:
+            return kind, float(clip)
+    return None
 
 
 @contextlib.contextmanager
 def clipped_outside(optimizer) -> Iterator[None]:
-    """While an optimizer step is traced, take its gradients as clipped already: by the
-    whole model's global norm, which the optimizer of one stage cannot see."""
+    """While an optimizer step is traced, take its gradients as clipped already (by norms
+    its stage alone cannot see: see `Reducer.clip_factors`)."""
     inner = inner_optimizer(optimizer)
     object.__setattr__(inner, "_clip_gradients", lambda grads: grads)
     try:

@@ -8,9 +8,10 @@ the compiled backward hands each one over (`post`) as soon as its variables' gra
 are complete, so its allreduce overlaps the backward of the layers before it, and only
 what is left when the backward ends is waited on (`finish`).
 
-With an optimizer's `global_clipnorm` and several stages, the stages' sums of squared
-gradients are summed over the pipeline (`clip_scale`), so every stage clips by the whole
-model's norm, as Keras's one optimizer does.
+Clipping by norm (`clip_factors`) follows Keras's one optimizer: `global_clipnorm` takes
+the norm of the whole model's gradients, summed over the pipeline; an embedding's
+gradient, sparse in Keras (one row per token occurrence), is measured over those rows,
+summed over every replica and stage that produced some.
 
 A tied variable (a layer called on several stages, e.g. an embedding reused for the
 logits) has one copy per holding stage, each with its own optimizer state. Each copy's
@@ -64,11 +65,12 @@ class Reducer:
         offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(int)
         self.buckets = bucket_bounds(sizes, bucket_bytes_for(4 * int(offsets[-1])))
         self._slices = [slice(offsets[a], offsets[b]) for a, b in self.buckets]
+        self._parts = [slice(a, b) for a, b in zip(offsets, offsets[1:])]  # each variable's
         stages_of = {id(v): tuple(stages) for v, stages in tied}
-        self.tied: dict[tuple[int, ...], list[slice]] = {}  # stage set -> its variables' slices of the flat gradient
-        for v, a, b in zip(variables, offsets, offsets[1:]):
+        self.tied: dict[tuple[int, ...], list[int]] = {}  # stage set -> indices of its variables
+        for i, v in enumerate(variables):
             if id(v) in stages_of:
-                self.tied.setdefault(stages_of[id(v)], []).append(slice(a, b))
+                self.tied.setdefault(stages_of[id(v)], []).append(i)
         size = int(offsets[-1]) if self.needed else 0
         self._local = aligned_empty((size,), np.float32)  # this rank's gradients
         self._summed = aligned_empty((size,), np.float32)
@@ -107,7 +109,7 @@ class Reducer:
         self._requests, self._posted = [], 0
         local, summed = self._local, self._summed
         for stages in sorted(self.tied):  # one order on every rank of overlapping groups
-            slices = self.tied[stages]
+            slices = [self._parts[i] for i in self.tied[stages]]
             part = np.concatenate([local[s] for s in slices])
             total = np.empty_like(part)
             self.transport.allreduce(part, total, f"tied gradient allreduce over stages {list(stages)}", group=stages)
@@ -124,11 +126,41 @@ class Reducer:
                 summed[:] = np.nan
         return summed
 
-    def clip_scale(self, squares: float, clip: float) -> float:
-        """Keras's `clip_by_global_norm` factor for the whole model's gradients, given this
-        stage's sum of their squares (NaN when the norm is not finite)."""
-        total = np.empty(1, np.float32)
-        self.transport.allreduce(np.array([squares], np.float32), total, "global gradient norm", group="pipe")
-        norm = np.sqrt(total[0])
+    def clip_factors(self, squares: np.ndarray, rows: np.ndarray, sparse: Sequence[bool],
+                     counted: Sequence[bool], clip: tuple[str, float]) -> np.ndarray:  # fmt: skip
+        """Keras's clip factor for each of the stage's variables, from its gradient's squared
+        norm (`squares`, replicas summed) and, where this rank's gradient of it was `sparse`,
+        the sum of its rows' squares (`rows`). Keras's gradient is sparse where every
+        holder's is. `counted`: the variables this stage adds to a global norm."""
+        rows, agreed = self._over_holders(rows, np.array(sparse, bool))
+        squares = np.where(agreed, rows, squares).astype(np.float32)
+        kind, c = clip[0], np.float32(clip[1])
         with np.errstate(divide="ignore", invalid="ignore"):
-            return float(np.float32(clip) * np.minimum(np.float32(1) / norm, np.float32(1 / clip)) + (norm - norm))
+            if kind == "global_clipnorm":
+                total = np.empty(1, np.float32)
+                mine = np.array([squares[np.array(counted, bool)].sum()], np.float32)
+                self.transport.allreduce(mine, total, "global gradient norm", group="pipe")
+                norm = np.sqrt(total[0])
+                return np.full(len(squares), c * np.minimum(np.float32(1) / norm, 1 / c) + (norm - norm), np.float32)
+            return c / np.maximum(np.sqrt(squares), c)  # tf.clip_by_norm, as Keras's clipnorm
+
+    def _over_holders(self, rows: np.ndarray, sparse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`rows` summed over the replicas, and for a tied variable over every holder, which
+        also decides whether it is sparse (no holder's gradient was dense)."""
+        total = rows.copy()
+        if sparse.any() and self.transport.group_size("data") > 1:  # alike on every replica
+            self.transport.allreduce(rows, total, "sparse gradient norms", group="data")
+        for stages in sorted(self.tied):
+            idx = self.tied[stages]
+            part = np.concatenate([rows[idx], (~sparse[idx]).astype(np.float32)])
+            out = np.empty_like(part)
+            self.transport.allreduce(part, out, f"sparse gradient norms over stages {list(stages)}", group=stages)
+            total[idx], sparse[idx] = out[: len(idx)], out[len(idx) :] == 0
+        return total, sparse
+
+    def scale(self, summed: np.ndarray, factors: np.ndarray) -> None:
+        """Multiply each variable's part of the reduced gradients by its factor, here on the
+        host, so every holder of a tied variable updates it alike."""
+        for part, f in zip(self._parts, factors):
+            if f != 1:
+                summed[part] *= f

@@ -34,8 +34,8 @@ import tensorflow as tf
 from hyparflow.errors import ConfigError
 from hyparflow.keras_compat import (
     clipped_outside,
-    global_clipnorm,
     inner_optimizer,
+    norm_clipping,
     one_update_at_a_time,
     optimizer_variables_for,
 )
@@ -119,16 +119,22 @@ class StageCompute:
         self.variables = st.trainable_variables
         self.optimizer = _optimizer_for(optimizer, plan.graph.model, self.variables)
         self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-        # global_clipnorm over several stages: the executor sums the stages' squares and
-        # scales the gradients; each tied variable counts once, on its first stage.
-        self.clip = global_clipnorm(self.optimizer) if len(plan.stages) > 1 else None
+        # Clipping by norm is done outside the optimizer, by factors `Reducer.clip_factors`
+        # computes: a global norm spans every stage (a tied variable counts on its first),
+        # and Keras takes a sparse gradient's norm over its rows, one per token occurrence,
+        # which the dense accumulators no longer hold (`sparse_squares` keeps their squares).
+        self.clip = norm_clipping(self.optimizer)
         if self.clip is not None and getattr(inner_optimizer(self.optimizer), "gradient_accumulation_steps", None):
-            raise ConfigError(
-                "global_clipnorm with the optimizer's gradient_accumulation_steps is not supported across stages; "
-                "use num_microbatches, or clipnorm (per variable)."
-            )
+            if self.clip[0] == "global_clipnorm" and len(plan.stages) > 1:
+                raise ConfigError(
+                    "global_clipnorm with the optimizer's gradient_accumulation_steps is not supported across "
+                    "stages; use num_microbatches, or clipnorm (per variable)."
+                )
+            self.clip = None  # the optimizer clips its averaged gradients at its update steps
         first = {id(v): min(stages) for v, stages in plan.tied}
         self.counted = [first.get(id(v), index) == index for v in self.variables]
+        self.sparse = [False] * len(self.variables)  # per variable: its gradient came as IndexedSlices
+        self.sparse_squares = tf.Variable(tf.zeros([len(self.variables)]), trainable=False)
         self.fused = not self.send_float
         # Set by each fit call; meaningless for a fused stage: its backward follows its forward at once.
         self.recompute = False
@@ -257,7 +263,12 @@ class StageCompute:
     def _accumulate_now(self, grads, hand_over: bool = False) -> list[Any]:
         """Add `grads` into the accumulators; with `hand_over` (the step's last backward),
         then pass each bucket to the reducer once its accumulators are final, in bucket order."""
+        self.sparse = [isinstance(g, tf.IndexedSlices) for g in grads]  # the same at every trace
         done = [a.assign_add(tf.cast(tf.convert_to_tensor(g), a.dtype)) for a, g in zip(self.acc, grads)]
+        if self.clip is not None and any(self.sparse):
+            rows = [tf.reduce_sum(tf.square(tf.cast(g.values, tf.float32))) if sparse else tf.zeros(())
+                    for g, sparse in zip(grads, self.sparse)]  # fmt: skip
+            done.append(self.sparse_squares.assign_add(tf.stack(rows)))
         if not hand_over:
             return done
         owner = weakref.ref(self)
@@ -269,22 +280,22 @@ class StageCompute:
             posted = [tf.numpy_function(post, [flat], tf.int32, name=f"hand_over_bucket_{k}")]
         return done + posted
 
-    def _apply_now(self, grads, zero, scale=None) -> None:
+    def _apply_now(self, grads, zero, factors=None) -> None:
         """Update the variables one after another, then zero the accumulators one after
         another, from `zero`, a runtime scalar: zeros the compiler could see would be
         folded into constants kept as large as the accumulators. With `clip`, the
-        gradients come clipped by the whole model's norm, or are multiplied here by `scale`
-        (that norm's clip factor), and the optimizer does not clip them again."""
+        gradients come clipped, or are multiplied here by `factors` (one per variable),
+        and the optimizer does not clip them again."""
         grads = [tf.cast(g, v.dtype) for g, v in zip(grads, self.variables)]
         clipping: contextlib.AbstractContextManager = contextlib.nullcontext()
         if self.clip is not None:
-            if scale is not None:
-                grads = [g * tf.cast(scale, g.dtype) for g in grads]
+            if factors is not None:
+                grads = [g * tf.cast(factors[i], g.dtype) for i, g in enumerate(grads)]
             clipping = clipped_outside(self.optimizer)
         with one_update_at_a_time(self.optimizer), clipping:
             self.optimizer.apply(grads, self.variables)
         done = [tf.identity(v) for v in self.variables]  # read after their updates
-        for a in self.acc:
+        for a in self.acc + [self.sparse_squares]:
             with tf.control_dependencies(done):
                 done = [a.assign(tf.fill(tf.shape(a), tf.cast(zero, a.dtype)), read_value=False)]
 
@@ -294,13 +305,15 @@ class StageCompute:
         return [tf.reshape(p, v.shape) for p, v in zip(parts, self.variables)]
 
     def _squares(self, grads):
-        """The sum of the squared gradients this stage counts, as the optimizer would see
-        them (unscaled, under a LossScaleOptimizer)."""
-        total = tf.add_n([tf.zeros(())] + [tf.reduce_sum(tf.square(tf.cast(g, tf.float32)))
-                                           for g, counted in zip(grads, self.counted) if counted])  # fmt: skip
+        """Per variable, its gradient's squared norm and the sum of its sparse gradients'
+        squared rows (`sparse_squares`), as the optimizer would see them (unscaled, under a
+        LossScaleOptimizer)."""
+        dense = tf.stack([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in grads]) if grads else tf.zeros([0])
+        rows = tf.identity(self.sparse_squares)
         if self.loss_scaled:
-            total /= tf.square(tf.cast(self.optimizer.dynamic_scale, tf.float32))
-        return total
+            squared_scale = tf.square(tf.cast(self.optimizer.dynamic_scale, tf.float32))
+            dense, rows = dense / squared_scale, rows / squared_scale
+        return dense, rows
 
     def _build(self) -> None:
         self.train_forward = tf.function(self._accumulating_forward)
@@ -310,8 +323,8 @@ class StageCompute:
         apply_flat = tf.function(lambda flat, zero: self._apply_now(self._unflatten(flat), zero))
         self.apply_flat = lambda flat: apply_flat(flat, tf.zeros(()))
         # Without replicas there is nothing to reduce: apply the accumulators in place.
-        apply_accumulated = tf.function(lambda zero, scale: self._apply_now([a.value() for a in self.acc], zero, scale))
-        self.apply_accumulated = lambda scale: apply_accumulated(tf.zeros(()), tf.constant(scale, tf.float32))
+        apply_accumulated = tf.function(lambda zero, f: self._apply_now([a.value() for a in self.acc], zero, f))
+        self.apply_accumulated = lambda factors: apply_accumulated(tf.zeros(()), tf.constant(factors, tf.float32))
         self.flat_squares = tf.function(lambda flat: self._squares(self._unflatten(flat)))
         self.acc_squares = tf.function(lambda: self._squares([a.value() for a in self.acc]))
         self.infer = tf.function(functools.partial(self._run, training=False))

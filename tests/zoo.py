@@ -181,6 +181,22 @@ def masked_seq(seed=0, length=7, vocab=20):
     return keras.Model(ids, layers.Dense(3, name="out")(x), name="masked_seq")
 
 
+def shared_embedding(seed=0, length=6, vocab=20):
+    """One Embedding called on two token inputs, the second call deep in the model, beside
+    an untied one: gradients that reach the optimizer as IndexedSlices, one row per token."""
+    keras.utils.set_random_seed(seed)
+    ids_a = keras.Input((length,), dtype="int32", name="ids_a")
+    ids_b = keras.Input((length,), dtype="int32", name="ids_b")
+    emb = layers.Embedding(vocab, 8, name="shared_embedding")
+    x = layers.Add()([emb(ids_a), layers.Embedding(vocab, 8, name="own_embedding")(ids_a)])
+    for _ in range(3):
+        x = layers.Dense(8, activation="tanh")(x)
+    x = layers.Add()([x, emb(ids_b)])
+    for _ in range(2):
+        x = layers.Dense(8, activation="tanh")(x)
+    return keras.Model([ids_a, ids_b], layers.Dense(5, name="out")(x), name="shared_embedding")
+
+
 def tied_lm(seed=0, length=8, vocab=30):
     """A keras_hub decoder-only language model whose logits reuse its input embedding
     (ReversibleEmbedding called with reverse=True): weight tying across the model."""
