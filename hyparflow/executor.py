@@ -136,6 +136,8 @@ class Executor:
         with phase("sends to neighbouring stages"):
             self.transport.wait([r for _, r in step.pending], "sends to neighbouring stages")
         self._update()
+        if self.grid.replica == 0:
+            c.check_sparse()
         if self.timeline is not None:
             self.timeline.end_step()
         return step.loss, step.parts

@@ -13,6 +13,9 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import keras
+import numpy as np
+import tensorflow as tf
 from keras.src import ops, tree
 from keras.src.backend import get_keras_mask, set_keras_mask
 from keras.src.losses.loss import apply_mask, reduce_weighted_values, squeeze_or_expand_to_same_rank
@@ -260,3 +263,19 @@ def clipped_outside(optimizer) -> Iterator[None]:
         yield
     finally:
         object.__delattr__(inner, "_clip_gradients")
+
+
+def sparse_rows_matter(optimizer) -> bool:
+    """Whether `optimizer` updates a variable otherwise from a sparse gradient (rows with
+    repeated indices, as Keras hands over an embedding's: one per token occurrence) than
+    from those rows summed, as Adam's second moment, which squares each row, does. Probed
+    on a fresh copy without norm clipping (hyparflow measures sparse norms as Keras does)."""
+    config = dict(inner_optimizer(optimizer).get_config(), clipnorm=None, global_clipnorm=None)
+    updated = []
+    for sparse in (True, False):
+        probe = inner_optimizer(optimizer).__class__.from_config(config)
+        v = keras.Variable(np.zeros((2, 1), np.float32))
+        g = tf.IndexedSlices(tf.constant([[1.0], [3.0]]), tf.constant([0, 0]), tf.constant([2, 1]))
+        probe.apply([g if sparse else tf.convert_to_tensor(g)], [v])
+        updated.append(v.numpy())
+    return not np.allclose(updated[0], updated[1], rtol=1e-5, atol=0)

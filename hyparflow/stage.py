@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -38,9 +39,12 @@ from hyparflow.keras_compat import (
     norm_clipping,
     one_update_at_a_time,
     optimizer_variables_for,
+    sparse_rows_matter,
 )
 from hyparflow.objective import Objective
 from hyparflow.partition import Plan
+
+log = logging.getLogger("hyparflow")
 
 
 @dataclass
@@ -134,6 +138,7 @@ class StageCompute:
         first = {id(v): min(stages) for v, stages in plan.tied}
         self.counted = [first.get(id(v), index) == index for v in self.variables]
         self.sparse = [False] * len(self.variables)  # per variable: its gradient came as IndexedSlices
+        self.sparse_checked = False
         self.sparse_squares = tf.Variable(tf.zeros([len(self.variables)]), trainable=False)
         self.fused = not self.send_float
         # Set by each fit call; meaningless for a fused stage: its backward follows its forward at once.
@@ -154,6 +159,24 @@ class StageCompute:
         if self.optimizer is not None and not getattr(self.optimizer, "built", False):
             self.optimizer.build(self.variables)
         self.acc = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in self.variables]
+
+    def check_sparse(self) -> None:
+        """Once the backward has run: warn if the optimizer would take the sparse gradients
+        met (an embedding's, one row per token occurrence in Keras) otherwise than their
+        sum, which is what it gets here, summed over micro-batches and replicas. (A tied
+        variable is left out: it is sparse in Keras only if sparse on all its stages.)"""
+        tied = {id(v) for v, _ in self.plan.tied}
+        names = ", ".join(v.path for v, sparse in zip(self.variables, self.sparse) if sparse and id(v) not in tied)
+        if self.sparse_checked or not names:
+            return
+        self.sparse_checked = True
+        if sparse_rows_matter(self.optimizer):
+            log.warning(
+                "stage %d: Keras hands %s the gradients of %s as rows, one per token occurrence, and it "
+                "updates from them otherwise than from their sum (Adam's second moment squares each row); "
+                "hyparflow sums the rows first, so training differs from plain Keras. SGD is unaffected.",
+                self.stage.index, type(inner_optimizer(self.optimizer)).__name__, names,
+            )
 
     def _run(self, recv_vals, data_vals, ys, sws, divisors, reg_scale, training: bool, *, metrics: bool = True):
         st, obj = self.stage, self.objective
