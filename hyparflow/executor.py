@@ -114,6 +114,7 @@ class Executor:
         step's loss, and of each output's unweighted loss."""
         c, sizes = self.compute, [mb.size for mb in micro]
         c.allocate()
+        c.rows.clear()
         self.reducer.begin()
         if self.timeline is not None:
             self.timeline.begin_step("train")
@@ -136,8 +137,6 @@ class Executor:
         with phase("sends to neighbouring stages"):
             self.transport.wait([r for _, r in step.pending], "sends to neighbouring stages")
         self._update()
-        if self.grid.replica == 0:
-            c.check_sparse()
         if self.timeline is not None:
             self.timeline.end_step()
         return step.loss, step.parts
@@ -155,20 +154,30 @@ class Executor:
                 self.timers["allreduce"] += t1 - t0
                 if self.timeline is not None:
                     self.timeline.add("gradient allreduce", "allreduce", t0, t1, {"bytes": summed.nbytes})
-        factors = None
+        rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        if c.keep_rows:
+            with phase("sparse gradients"):
+                rows = self.reducer.gather_rows(c.rows)
+        scale = 1.0
         if c.clip is not None:
-            with phase("gradient norms"):
-                squares, rows = c.acc_squares() if summed is None else c.flat_squares(to_tensor(summed))
-                factors = self.reducer.clip_factors(squares.numpy(), rows.numpy(), c.sparse, c.counted, c.clip)
-                if summed is not None:
-                    self.reducer.scale(summed, factors)
+            with phase("global gradient norm"):
+                squares = 0.0
+                if c.variables:
+                    values = tuple((i, to_tensor(v)) for i, (v, _) in sorted(rows.items()))
+                    found = c.acc_squares(values) if summed is None else c.flat_squares(to_tensor(summed), values)
+                    squares = float(found)
+                scale = self.reducer.clip_scale(squares, c.clip)
+                if summed is not None:  # here, so every holder of a tied variable updates it alike
+                    summed *= np.float32(scale)
+            rows = {}  # Keras's global clip multiplies sparse gradients into dense ones
         if not c.variables:
             return
         with phase("optimizer"), self._span("optimizer", "optimizer"):
+            sparse = tuple((i, to_tensor(v), to_tensor(k)) for i, (v, k) in sorted(rows.items()))
             if summed is None:
-                c.apply_accumulated(np.ones(len(c.variables)) if factors is None else factors)
+                c.apply_accumulated(scale, sparse)
             else:
-                c.apply_flat(to_tensor(summed))
+                c.apply_flat(to_tensor(summed), sparse)
 
     def _span(self, name: str, cat: str):
         """The block recorded as one timeline event, when a timeline records."""

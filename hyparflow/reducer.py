@@ -8,10 +8,14 @@ the compiled backward hands each one over (`post`) as soon as its variables' gra
 are complete, so its allreduce overlaps the backward of the layers before it, and only
 what is left when the backward ends is waited on (`finish`).
 
-Clipping by norm (`clip_factors`) follows Keras's one optimizer: `global_clipnorm` takes
-the norm of the whole model's gradients, summed over the pipeline; an embedding's
-gradient, sparse in Keras (one row per token occurrence), is measured over those rows,
-summed over every replica and stage that produced some.
+An embedding's gradient, sparse in Keras (one row per token occurrence), reaches the
+optimizer as those rows where they matter to it (`gather_rows`): every micro-batch's, of
+every replica, and of every stage holding a tied one (unless one holder's is dense: Keras
+then sums the two densely).
+
+With an optimizer's `global_clipnorm`, the stages' sums of squared gradients are summed
+over the pipeline (`clip_scale`), so every stage clips by the whole model's norm, as
+Keras's one optimizer does (a sparse gradient's rows counted one by one, as Keras's are).
 
 A tied variable (a layer called on several stages, e.g. an embedding reused for the
 logits) has one copy per holding stage, each with its own optimizer state. Each copy's
@@ -65,17 +69,20 @@ class Reducer:
         offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(int)
         self.buckets = bucket_bounds(sizes, bucket_bytes_for(4 * int(offsets[-1])))
         self._slices = [slice(offsets[a], offsets[b]) for a, b in self.buckets]
-        self._parts = [slice(a, b) for a, b in zip(offsets, offsets[1:])]  # each variable's
-        stages_of = {id(v): tuple(stages) for v, stages in tied}
+        self._parts = [slice(a, b) for a, b in zip(offsets, offsets[1:])]  # each variable's in the flat gradient
+        place = {id(v): (k, tuple(stages)) for k, (v, stages) in enumerate(tied)}
         self.tied: dict[tuple[int, ...], list[int]] = {}  # stage set -> indices of its variables
+        self._tied_key: dict[int, int] = {}  # tied variable's index -> its position in `tied`, alike on every holder
         for i, v in enumerate(variables):
-            if id(v) in stages_of:
-                self.tied.setdefault(stages_of[id(v)], []).append(i)
+            if id(v) in place:
+                self._tied_key[i], stages = place[id(v)]
+                self.tied.setdefault(stages, []).append(i)
         size = int(offsets[-1]) if self.needed else 0
         self._local = aligned_empty((size,), np.float32)  # this rank's gradients
         self._summed = aligned_empty((size,), np.float32)
         self._requests: list = []
         self._posted = 0
+        self.overflowed = False  # the last `finish` found a stage's loss-scaled gradients not finite
 
     @property
     def needed(self) -> bool:
@@ -118,49 +125,48 @@ class Reducer:
                 n = s.stop - s.start
                 summed[s] = total[offset : offset + n]
                 offset += n
+        self.overflowed = False
         if self.loss_scaled:
             finite = np.array([float(np.isfinite(summed).all())])
             every = np.empty_like(finite)
             self.transport.allreduce(finite, every, "loss-scale agreement")
-            if every[0] < self.transport.size:
+            self.overflowed = bool(every[0] < self.transport.size)
+            if self.overflowed:
                 summed[:] = np.nan
         return summed
 
-    def clip_factors(self, squares: np.ndarray, rows: np.ndarray, sparse: Sequence[bool],
-                     counted: Sequence[bool], clip: tuple[str, float]) -> np.ndarray:  # fmt: skip
-        """Keras's clip factor for each of the stage's variables, from its gradient's squared
-        norm (`squares`, replicas summed) and, where this rank's gradient of it was `sparse`,
-        the sum of its rows' squares (`rows`). Keras's gradient is sparse where every
-        holder's is. `counted`: the variables this stage adds to a global norm."""
-        rows, agreed = self._over_holders(rows, np.array(sparse, bool))
-        squares = np.where(agreed, rows, squares).astype(np.float32)
-        kind, c = clip[0], np.float32(clip[1])
+    def gather_rows(self, rows: dict[int, list[tuple[np.ndarray, np.ndarray]]]) -> dict[int, tuple]:
+        """The sparse gradients Keras would hand the optimizer, as (values, indices) by
+        variable, from this rank's backwards' `rows`: joined over the replicas, and for a
+        tied variable over its holders too, left out where a holder's gradient was dense."""
+        local = {i: _joined(parts) for i, parts in rows.items()}
+        tied = {i for idx in self.tied.values() for i in idx}
+        untied = {i: r for i, r in local.items() if i not in tied}
+        out = dict(untied)
+        if untied and self.transport.group_size("data") > 1:  # alike on every replica
+            every = self.transport.allgather_objects(untied, "sparse gradients", group="data")
+            out = {i: _joined([e[i] for e in every]) for i in untied}
+        for stages in sorted(self.tied):  # one order on every rank of overlapping groups
+            what = f"sparse gradients of stages {list(stages)}"
+            key = {i: self._tied_key[i] for i in self.tied[stages]}
+            every = self.transport.allgather_objects({k: i in local for i, k in key.items()}, what, group=stages)
+            both = {i: k for i, k in key.items() if all(e[k] for e in every)}  # else Keras's is dense
+            if both:
+                every = self.transport.allgather_objects({k: local[i] for i, k in both.items()}, what, group=stages)
+                out.update({i: _joined([e[k] for e in every]) for i, k in both.items()})
+        if self.overflowed:  # the step is skipped everywhere: its sparse gradients too
+            out = {i: (np.full_like(v, np.nan), k) for i, (v, k) in out.items()}
+        return out
+
+    def clip_scale(self, squares: float, clip: float) -> float:
+        """Keras's `clip_by_global_norm` factor for the whole model's gradients, given this
+        stage's sum of their squares (NaN when the norm is not finite)."""
+        total = np.empty(1, np.float32)
+        self.transport.allreduce(np.array([squares], np.float32), total, "global gradient norm", group="pipe")
+        norm = np.sqrt(total[0])
         with np.errstate(divide="ignore", invalid="ignore"):
-            if kind == "global_clipnorm":
-                total = np.empty(1, np.float32)
-                mine = np.array([squares[np.array(counted, bool)].sum()], np.float32)
-                self.transport.allreduce(mine, total, "global gradient norm", group="pipe")
-                norm = np.sqrt(total[0])
-                return np.full(len(squares), c * np.minimum(np.float32(1) / norm, 1 / c) + (norm - norm), np.float32)
-            return c / np.maximum(np.sqrt(squares), c)  # tf.clip_by_norm, as Keras's clipnorm
+            return float(np.float32(clip) * np.minimum(np.float32(1) / norm, np.float32(1 / clip)) + (norm - norm))
 
-    def _over_holders(self, rows: np.ndarray, sparse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """`rows` summed over the replicas, and for a tied variable over every holder, which
-        also decides whether it is sparse (no holder's gradient was dense)."""
-        total = rows.copy()
-        if sparse.any() and self.transport.group_size("data") > 1:  # alike on every replica
-            self.transport.allreduce(rows, total, "sparse gradient norms", group="data")
-        for stages in sorted(self.tied):
-            idx = self.tied[stages]
-            part = np.concatenate([rows[idx], (~sparse[idx]).astype(np.float32)])
-            out = np.empty_like(part)
-            self.transport.allreduce(part, out, f"sparse gradient norms over stages {list(stages)}", group=stages)
-            total[idx], sparse[idx] = out[: len(idx)], out[len(idx) :] == 0
-        return total, sparse
-
-    def scale(self, summed: np.ndarray, factors: np.ndarray) -> None:
-        """Multiply each variable's part of the reduced gradients by its factor, here on the
-        host, so every holder of a tied variable updates it alike."""
-        for part, f in zip(self._parts, factors):
-            if f != 1:
-                summed[part] *= f
+def _joined(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse gradients (values, indices) as one."""
+    return np.concatenate([v for v, _ in parts]), np.concatenate([k for _, k in parts])

@@ -17,13 +17,18 @@ A recomputed forward must draw what the original drew, so the stage's non-traina
 state (seed generators, BatchNorm statistics) is put back to where it stood before the
 original forward, and afterwards back to where the later forwards left it; metrics are
 updated by the original forward only.
+
+An embedding's gradient is sparse: one row per token occurrence. Keras hands those rows to
+the optimizer, and Adam's second moment, for one, squares each row, which their sum cannot
+reproduce. Where the optimizer's update (or its clipping) depends on the rows, the backward
+also keeps them on the host (`rows`), and the step hands the optimizer every row of the
+global batch as Keras would (`Reducer.gather_rows`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -35,16 +40,14 @@ import tensorflow as tf
 from hyparflow.errors import ConfigError
 from hyparflow.keras_compat import (
     clipped_outside,
+    global_clipnorm,
     inner_optimizer,
-    norm_clipping,
     one_update_at_a_time,
     optimizer_variables_for,
     sparse_rows_matter,
 )
 from hyparflow.objective import Objective
 from hyparflow.partition import Plan
-
-log = logging.getLogger("hyparflow")
 
 
 @dataclass
@@ -93,6 +96,14 @@ def _post(owner: weakref.ref, k: int, flat: np.ndarray) -> np.int32:
     return np.int32(k)
 
 
+def _keep_rows(owner: weakref.ref, i: int, values: np.ndarray, indices: np.ndarray) -> np.int32:
+    """A backward's sparse gradient of variable `i`, from inside the compiled backward, to the host."""
+    me = owner()
+    assert me is not None, "a stage's backward ran after the stage was freed"
+    me.rows.setdefault(i, []).append((values, indices))
+    return np.int32(i)
+
+
 def _optimizer_for(optimizer, model, variables):
     """The model's optimizer if it is unbuilt or built for exactly `variables`; else (it was
     built for another layout by an earlier fit) a fresh one carrying its state over."""
@@ -123,13 +134,11 @@ class StageCompute:
         self.variables = st.trainable_variables
         self.optimizer = _optimizer_for(optimizer, plan.graph.model, self.variables)
         self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-        # Clipping by norm is done outside the optimizer, by factors `Reducer.clip_factors`
-        # computes: a global norm spans every stage (a tied variable counts on its first),
-        # and Keras takes a sparse gradient's norm over its rows, one per token occurrence,
-        # which the dense accumulators no longer hold (`sparse_squares` keeps their squares).
-        self.clip = norm_clipping(self.optimizer)
+        # global_clipnorm is applied outside the optimizer: the executor sums the stages'
+        # squares (a tied variable counts on its first) and scales the gradients.
+        self.clip = global_clipnorm(self.optimizer)
         if self.clip is not None and getattr(inner_optimizer(self.optimizer), "gradient_accumulation_steps", None):
-            if self.clip[0] == "global_clipnorm" and len(plan.stages) > 1:
+            if len(plan.stages) > 1:
                 raise ConfigError(
                     "global_clipnorm with the optimizer's gradient_accumulation_steps is not supported across "
                     "stages; use num_microbatches, or clipnorm (per variable)."
@@ -138,8 +147,8 @@ class StageCompute:
         first = {id(v): min(stages) for v, stages in plan.tied}
         self.counted = [first.get(id(v), index) == index for v in self.variables]
         self.sparse = [False] * len(self.variables)  # per variable: its gradient came as IndexedSlices
-        self.sparse_checked = False
-        self.sparse_squares = tf.Variable(tf.zeros([len(self.variables)]), trainable=False)
+        self.keep_rows = bool(self.variables) and self.optimizer is not None and sparse_rows_matter(self.optimizer)
+        self.rows: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # the step's sparse gradients
         self.fused = not self.send_float
         # Set by each fit call; meaningless for a fused stage: its backward follows its forward at once.
         self.recompute = False
@@ -159,24 +168,6 @@ class StageCompute:
         if self.optimizer is not None and not getattr(self.optimizer, "built", False):
             self.optimizer.build(self.variables)
         self.acc = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in self.variables]
-
-    def check_sparse(self) -> None:
-        """Once the backward has run: warn if the optimizer would take the sparse gradients
-        met (an embedding's, one row per token occurrence in Keras) otherwise than their
-        sum, which is what it gets here, summed over micro-batches and replicas. (A tied
-        variable is left out: it is sparse in Keras only if sparse on all its stages.)"""
-        tied = {id(v) for v, _ in self.plan.tied}
-        names = ", ".join(v.path for v, sparse in zip(self.variables, self.sparse) if sparse and id(v) not in tied)
-        if self.sparse_checked or not names:
-            return
-        self.sparse_checked = True
-        if sparse_rows_matter(self.optimizer):
-            log.warning(
-                "stage %d: Keras hands %s the gradients of %s as rows, one per token occurrence, and it "
-                "updates from them otherwise than from their sum (Adam's second moment squares each row); "
-                "hyparflow sums the rows first, so training differs from plain Keras. SGD is unaffected.",
-                self.stage.index, type(inner_optimizer(self.optimizer)).__name__, names,
-            )
 
     def _run(self, recv_vals, data_vals, ys, sws, divisors, reg_scale, training: bool, *, metrics: bool = True):
         st, obj = self.stage, self.objective
@@ -288,10 +279,12 @@ class StageCompute:
         then pass each bucket to the reducer once its accumulators are final, in bucket order."""
         self.sparse = [isinstance(g, tf.IndexedSlices) for g in grads]  # the same at every trace
         done = [a.assign_add(tf.cast(tf.convert_to_tensor(g), a.dtype)) for a, g in zip(self.acc, grads)]
-        if self.clip is not None and any(self.sparse):
-            rows = [tf.reduce_sum(tf.square(tf.cast(g.values, tf.float32))) if sparse else tf.zeros(())
-                    for g, sparse in zip(grads, self.sparse)]  # fmt: skip
-            done.append(self.sparse_squares.assign_add(tf.stack(rows)))
+        if self.keep_rows:
+            owner = weakref.ref(self)
+            for i, g in enumerate(grads):
+                if self.sparse[i]:
+                    keep = functools.partial(_keep_rows, owner, i)
+                    done.append(tf.numpy_function(keep, [g.values, tf.cast(g.indices, tf.int64)], tf.int32))
         if not hand_over:
             return done
         owner = weakref.ref(self)
@@ -303,22 +296,26 @@ class StageCompute:
             posted = [tf.numpy_function(post, [flat], tf.int32, name=f"hand_over_bucket_{k}")]
         return done + posted
 
-    def _apply_now(self, grads, zero, factors=None) -> None:
+    def _apply_now(self, grads, zero, scale=None, rows=()) -> None:
         """Update the variables one after another, then zero the accumulators one after
         another, from `zero`, a runtime scalar: zeros the compiler could see would be
-        folded into constants kept as large as the accumulators. With `clip`, the
-        gradients come clipped, or are multiplied here by `factors` (one per variable),
-        and the optimizer does not clip them again."""
+        folded into constants kept as large as the accumulators. `rows`: (i, values,
+        indices) of the variables whose gradients the optimizer takes as sparse rows. With
+        `clip`, the gradients come clipped by the whole model's norm, or are multiplied
+        here by `scale` (that norm's clip factor), and the optimizer does not clip them again."""
         grads = [tf.cast(g, v.dtype) for g, v in zip(grads, self.variables)]
         clipping: contextlib.AbstractContextManager = contextlib.nullcontext()
         if self.clip is not None:
-            if factors is not None:
-                grads = [g * tf.cast(factors[i], g.dtype) for i, g in enumerate(grads)]
+            if scale is not None:
+                grads = [g * tf.cast(scale, g.dtype) for g in grads]
             clipping = clipped_outside(self.optimizer)
+        for i, values, indices in rows:
+            v = self.variables[i]
+            grads[i] = tf.IndexedSlices(tf.cast(values, v.dtype), indices, tf.constant(list(v.shape), tf.int64))
         with one_update_at_a_time(self.optimizer), clipping:
             self.optimizer.apply(grads, self.variables)
         done = [tf.identity(v) for v in self.variables]  # read after their updates
-        for a in self.acc + [self.sparse_squares]:
+        for a in self.acc:
             with tf.control_dependencies(done):
                 done = [a.assign(tf.fill(tf.shape(a), tf.cast(zero, a.dtype)), read_value=False)]
 
@@ -327,29 +324,41 @@ class StageCompute:
         parts = tf.split(flat, sizes) if sizes else []
         return [tf.reshape(p, v.shape) for p, v in zip(parts, self.variables)]
 
-    def _squares(self, grads):
-        """Per variable, its gradient's squared norm and the sum of its sparse gradients'
-        squared rows (`sparse_squares`), as the optimizer would see them (unscaled, under a
-        LossScaleOptimizer)."""
-        dense = tf.stack([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in grads]) if grads else tf.zeros([0])
-        rows = tf.identity(self.sparse_squares)
+    def _squares(self, grads, rows=()):
+        """The sum of the squared gradients this stage counts, as the optimizer would see
+        them (unscaled, under a LossScaleOptimizer): of their `rows` (i, values) where
+        Keras's are sparse, as Keras's norm counts each token occurrence's row."""
+        squares = [tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in grads]
+        for i, values in rows:
+            squares[i] = tf.reduce_sum(tf.square(tf.cast(values, tf.float32)))
+        total = tf.add_n([tf.zeros(())] + [q for q, counted in zip(squares, self.counted) if counted])
         if self.loss_scaled:
-            squared_scale = tf.square(tf.cast(self.optimizer.dynamic_scale, tf.float32))
-            dense, rows = dense / squared_scale, rows / squared_scale
-        return dense, rows
+            total /= tf.square(tf.cast(self.optimizer.dynamic_scale, tf.float32))
+        return total
 
     def _build(self) -> None:
         self.train_forward = tf.function(self._accumulating_forward)
         self.forward_backward = tf.function(self._fused)
         self.forward_from = tf.function(self._forward_from)
         self.recomputed = tf.function(self._recomputed)
-        apply_flat = tf.function(lambda flat, zero: self._apply_now(self._unflatten(flat), zero))
-        self.apply_flat = lambda flat: apply_flat(flat, tf.zeros(()))
+        apply_flat = tf.function(
+            lambda flat, zero, rows: self._apply_now(self._unflatten(flat), zero, rows=rows), reduce_retracing=True
+        )
+        self.apply_flat = lambda flat, rows: apply_flat(flat, tf.zeros(()), rows)
         # Without replicas there is nothing to reduce: apply the accumulators in place.
-        apply_accumulated = tf.function(lambda zero, f: self._apply_now([a.value() for a in self.acc], zero, f))
-        self.apply_accumulated = lambda factors: apply_accumulated(tf.zeros(()), tf.constant(factors, tf.float32))
-        self.flat_squares = tf.function(lambda flat: self._squares(self._unflatten(flat)))
-        self.acc_squares = tf.function(lambda: self._squares([a.value() for a in self.acc]))
+        apply_accumulated = tf.function(
+            lambda zero, scale, rows: self._apply_now([a.value() for a in self.acc], zero, scale, rows),
+            reduce_retracing=True,
+        )
+        self.apply_accumulated = lambda scale, rows: apply_accumulated(
+            tf.zeros(()), tf.constant(scale, tf.float32), rows
+        )
+        self.flat_squares = tf.function(
+            lambda flat, rows: self._squares(self._unflatten(flat), rows), reduce_retracing=True
+        )
+        self.acc_squares = tf.function(
+            lambda rows: self._squares([a.value() for a in self.acc], rows), reduce_retracing=True
+        )
         self.infer = tf.function(functools.partial(self._run, training=False))
         self.predict = tf.function(self._predict)
 

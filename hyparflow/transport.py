@@ -13,12 +13,13 @@ dtypes come from the plan, nothing is pickled.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -279,6 +280,14 @@ class Transport:
     def group_size(self, group: str | tuple[int, ...]) -> int:
         return self._group(group).Get_size()
 
+    def allgather_objects(self, value: Any, what: str, group: str | tuple[int, ...]) -> list[Any]:
+        """`value` (pickled: arrays of any size) from every rank of `group`, in rank order."""
+        comm = self._group(group)
+        if comm.Get_size() == 1:
+            return [value]
+        with self._watched(f"the other ranks in a collective ({what})"):
+            return comm.allgather(value)
+
     def isend(self, array: np.ndarray, stage: int, tag: int) -> Any:
         """Start sending `array` to `stage` of this replica; keep `array` alive until done."""
         return self.pipe.Isend(as_bytes(array), dest=stage, tag=tag)
@@ -330,18 +339,14 @@ class Transport:
         if stage is not None and self.grid is not None:
             rank = self.grid.ranks[self.grid.replica][stage]
         peer = "the other ranks in a collective" if rank is None else self._name(rank)
-        key = threading.get_ident()
-        self.watchdog.waits[key] = (time.monotonic(), self.where, f"{peer} ({what})", self)
         timeline = self.timeline
         t0 = time.perf_counter() if timeline is not None else 0.0
-        try:
+        with self._watched(f"{peer} ({what})"):
             if self.is_mpi:
                 MPI.Request.Waitall(requests)
             else:
                 for req in requests:
                     req.Wait()
-        finally:
-            self.watchdog.waits.pop(key, None)
         if timeline is not None:
             timeline.add(
                 f"wait for rank {rank}" if rank is not None else f"wait: {what}",
@@ -349,6 +354,16 @@ class Transport:
                 t0,
                 args={"for": what, "peer": rank},
             )
+
+    @contextlib.contextmanager
+    def _watched(self, waiting_for: str) -> Iterator[None]:
+        """A blocking wait the watchdog times (see `Watchdog`)."""
+        key = threading.get_ident()
+        self.watchdog.waits[key] = (time.monotonic(), self.where, waiting_for, self)
+        try:
+            yield
+        finally:
+            self.watchdog.waits.pop(key, None)
 
     def _name(self, rank: int) -> str:
         return self.grid.where(rank) if self.grid is not None else f"rank {rank}"
