@@ -147,6 +147,10 @@ class StageCompute:
         first = {id(v): min(stages) for v, stages in plan.tied}
         self.counted = [first.get(id(v), index) == index for v in self.variables]
         self.sparse = [False] * len(self.variables)  # per variable: its gradient came as IndexedSlices
+        # ... or came as None: it is not updated, as Keras's optimizer skips it (a tied one
+        # takes the other holders' gradient; a stage with no gradient at all applies zeros)
+        self.unused = [False] * len(self.variables)
+        self.tied = {i for i, v in enumerate(self.variables) if id(v) in {id(u) for u, _ in plan.tied}}
         self.keep_rows = bool(self.variables) and self.optimizer is not None and sparse_rows_matter(self.optimizer)
         self.rows: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # the step's sparse gradients
         self.fused = not self.send_float
@@ -237,14 +241,13 @@ class StageCompute:
         return out[1], out[2], out[0], out[3]
 
     def _gradients(self, tape, float_in, d_scaled, scaled, sends, out_grads) -> list[Any]:
-        """Gradients of the variables, then of the float inputs, given the float sends' gradients."""
+        """Gradients of the variables (None for one the stage's outputs do not depend on, as
+        Keras leaves it), then of the float inputs (zeros there), given the float sends' gradients."""
         float_out = [s for t, s in zip(self.send_ids, sends) if t in self.send_float]
-        return tape.gradient(
-            [scaled] + float_out,
-            self.variables + float_in,
-            output_gradients=[d_scaled] + list(out_grads),
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        )
+        targets, seeds = [scaled] + float_out, [d_scaled] + list(out_grads)
+        grads = tape.gradient(targets, self.variables + float_in, output_gradients=seeds)
+        n = len(self.variables)
+        return grads[:n] + [tf.zeros_like(x) if g is None else g for g, x in zip(grads[n:], float_in)]
 
     def _fused(self, recv_vals, *rest, hand_over: bool = False):
         tape, float_in, sends, loss, scaled, per_output = self._taped_forward(recv_vals, rest)
@@ -278,7 +281,10 @@ class StageCompute:
         """Add `grads` into the accumulators; with `hand_over` (the step's last backward),
         then pass each bucket to the reducer once its accumulators are final, in bucket order."""
         self.sparse = [isinstance(g, tf.IndexedSlices) for g in grads]  # the same at every trace
-        done = [a.assign_add(tf.cast(tf.convert_to_tensor(g), a.dtype)) for a, g in zip(self.acc, grads)]
+        unused = [g is None and i not in self.tied for i, g in enumerate(grads)]
+        self.unused = [False] * len(grads) if all(unused) else unused  # the optimizer needs one
+        done = [tf.no_op() if g is None else a.assign_add(tf.cast(tf.convert_to_tensor(g), a.dtype))
+                for a, g in zip(self.acc, grads)]  # fmt: skip
         if self.keep_rows:
             owner = weakref.ref(self)
             for i, g in enumerate(grads):
@@ -303,11 +309,11 @@ class StageCompute:
         indices) of the variables whose gradients the optimizer takes as sparse rows. With
         `clip`, the gradients come clipped by the whole model's norm, or are multiplied
         here by `scale` (that norm's clip factor), and the optimizer does not clip them again."""
-        grads = [tf.cast(g, v.dtype) for g, v in zip(grads, self.variables)]
+        grads = [None if unused else tf.cast(g, v.dtype) for g, v, unused in zip(grads, self.variables, self.unused)]
         clipping: contextlib.AbstractContextManager = contextlib.nullcontext()
         if self.clip is not None:
             if scale is not None:
-                grads = [g * tf.cast(scale, g.dtype) for g in grads]
+                grads = [None if g is None else g * tf.cast(scale, g.dtype) for g in grads]
             clipping = clipped_outside(self.optimizer)
         for i, values, indices in rows:
             v = self.variables[i]
@@ -328,7 +334,8 @@ class StageCompute:
         """The sum of the squared gradients this stage counts, as the optimizer would see
         them (unscaled, under a LossScaleOptimizer): of their `rows` (i, values) where
         Keras's are sparse, as Keras's norm counts each token occurrence's row."""
-        squares = [tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in grads]
+        squares = [tf.zeros(()) if unused else tf.reduce_sum(tf.square(tf.cast(g, tf.float32)))
+                   for g, unused in zip(grads, self.unused)]  # fmt: skip
         for i, values in rows:
             squares[i] = tf.reduce_sum(tf.square(tf.cast(values, tf.float32)))
         total = tf.add_n([tf.zeros(())] + [q for q, counted in zip(squares, self.counted) if counted])

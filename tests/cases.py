@@ -25,6 +25,8 @@ CASES: dict[str, tuple] = {
     "shared P2 R2 M2 adam": ("shared", 2, 2, "1f1b", "adam", 48, 16, False, 1),
     "nested P4 M2": ("nested", 4, 2, "1f1b", "sgd", 48, 16, False, 1),
     "sequential P2 R2 M2 adam": ("sequential", 2, 2, "1f1b", "adam", 48, 16, False, 1),
+    # weights without a gradient are left alone, as Keras's optimizer skips them (AdamW would decay them)
+    "unused P2 R2 M2 adamw": ("unused_output", 2, 2, "1f1b", "adamw weight_decay=0.5", 48, 16, False, 1),
     "int_boundary P4 M2": ("int_boundary", 4, 2, "1f1b", "sgd", 48, 16, False, 1),
     "ops_graph P2 R2 M2": ("ops_graph", 2, 2, "1f1b", "sgd", 48, 16, False, 1),
     # a language model whose per-token logits reuse its input embedding: tied across stages
@@ -56,7 +58,7 @@ def compiled(name: str, optimizer: str):
     model = getattr(zoo, name)()
     n_out = len(model.outputs)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    kind, _, clip = optimizer.partition(" ")  # "adam clipnorm": a clip every step reaches
+    kind, _, clip = optimizer.partition(" ")  # "adam clipnorm", "adamw weight_decay=0.5": one keyword
     name, _, value = clip.partition("=")
     kw = {name: float(value or 0.1)} if clip else {}
     model.compile(

@@ -181,6 +181,21 @@ def masked_seq(seed=0, length=7, vocab=20):
     return keras.Model(ids, layers.Dense(3, name="out")(x), name="masked_seq")
 
 
+def unused_output(seed=0):
+    """A nested model with two outputs, one unused: its Dense layer's weights get no
+    gradient (as a keras_hub backbone's pooler does under a per-token head)."""
+    keras.utils.set_random_seed(seed)
+    inner_in = keras.Input((8,))
+    h = layers.Dense(8, activation="tanh")(inner_in)
+    inner = keras.Model(inner_in, [layers.Dense(8, activation="tanh")(h), layers.Dense(4, name="unused")(h)])
+    inp = keras.Input((6,), name="x")
+    x = layers.Dense(8, activation="relu")(inp)
+    x, _ = inner(x)
+    for _ in range(3):
+        x = layers.Dense(8, activation="relu")(x)
+    return keras.Model(inp, layers.Dense(3, name="out")(x), name="unused_output")
+
+
 def shared_embedding(seed=0, length=6, vocab=20):
     """One Embedding called on two token inputs, the second call deep in the model, beside
     an untied one: gradients that reach the optimizer as IndexedSlices, one row per token."""
