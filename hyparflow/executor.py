@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from hyparflow.errors import ConfigError
 from hyparflow.failures import phase
 from hyparflow.graph import np_dtype
 from hyparflow.reducer import Reducer
@@ -92,7 +93,15 @@ class Executor:
             timeline.add(f"send to rank {self.grid.ranks[self.grid.replica][dest]}", "send", t0)
 
     def _send_activations(self, pending: list, sends) -> None:
+        info = self.compute.plan.graph.tensors
         for t, value in zip(self.compute.send_ids, sends):
+            if tuple(value.shape[1:]) != tuple(info[t].shape):
+                raise ConfigError(
+                    f"'{info[t].name}' has per-sample shape {tuple(value.shape[1:])} at run time, but Keras's "
+                    f"symbolic shape for it (its layer's compute_output_shape) is {tuple(info[t].shape)}, and "
+                    "transfers between stages are sized by the symbolic shape; choose cuts that keep this "
+                    "tensor inside a stage (balance=[...]), or fix the layer's compute_output_shape."
+                )
             for d in self.compute.dests[t]:
                 self._send(pending, value, d, self.tag[t])
 

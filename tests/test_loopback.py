@@ -146,3 +146,27 @@ def test_batchnorm_statistics_are_averaged_across_replicas():
     assert not np.allclose(per_replica[0], per_replica[1]), "the replicas saw different data"
     for m in models:
         np.testing.assert_allclose(m.layers[2].moving_mean.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_whose_run_time_shape_is_not_its_symbolic_one_is_named_at_a_cut():
+    """Transfers are sized by Keras's symbolic shapes; a layer whose compute_output_shape
+    is wrong (keras_hub's XLNet attention mask is one) gets a clear error naming it."""
+    import keras
+
+    class Doubled(keras.layers.Layer):
+        def call(self, x):
+            return keras.ops.concatenate([x, x], axis=-1)
+
+        def compute_output_shape(self, shape):
+            return shape  # wrong: the last dimension doubles
+
+    def build():
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((12,))
+        x = Doubled(name="doubled")(keras.layers.Dense(4)(inp))
+        model = keras.Model(inp, keras.layers.Dense(3)(keras.layers.Dense(4)(x)))
+        model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    with pytest.raises(Exception, match=r"'doubled' has per-sample shape \(8,\) at run time.*symbolic shape"):
+        grid_fit(build, 2, num_partitions=2, balance=[2, 2])
