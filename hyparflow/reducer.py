@@ -140,8 +140,7 @@ class Reducer:
         variable, from this rank's backwards' `rows`: joined over the replicas, and for a
         tied variable over its holders too, left out where a holder's gradient was dense."""
         local = {i: _joined(parts) for i, parts in rows.items()}
-        tied = {i for idx in self.tied.values() for i in idx}
-        untied = {i: r for i, r in local.items() if i not in tied}
+        untied = {i: r for i, r in local.items() if i not in self._tied_key}
         out = dict(untied)
         if untied and self.transport.group_size("data") > 1:  # alike on every replica
             every = self.transport.allgather_objects(untied, "sparse gradients", group="data")
@@ -166,6 +165,7 @@ class Reducer:
         norm = np.sqrt(total[0])
         with np.errstate(divide="ignore", invalid="ignore"):
             return float(np.float32(clip) * np.minimum(np.float32(1) / norm, np.float32(1 / clip)) + (norm - norm))
+
 
 def _joined(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """Sparse gradients (values, indices) as one."""

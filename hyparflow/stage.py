@@ -150,7 +150,7 @@ class StageCompute:
         # ... or came as None: it is not updated, as Keras's optimizer skips it (a tied one
         # takes the other holders' gradient; a stage with no gradient at all applies zeros)
         self.unused = [False] * len(self.variables)
-        self.tied = {i for i, v in enumerate(self.variables) if id(v) in {id(u) for u, _ in plan.tied}}
+        self.tied = {i for i, v in enumerate(self.variables) if id(v) in first}
         self.keep_rows = bool(self.variables) and self.optimizer is not None and sparse_rows_matter(self.optimizer)
         self.rows: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # the step's sparse gradients
         self.fused = not self.send_float
@@ -334,8 +334,7 @@ class StageCompute:
         """The sum of the squared gradients this stage counts, as the optimizer would see
         them (unscaled, under a LossScaleOptimizer): of their `rows` (i, values) where
         Keras's are sparse, as Keras's norm counts each token occurrence's row."""
-        squares = [tf.zeros(()) if unused else tf.reduce_sum(tf.square(tf.cast(g, tf.float32)))
-                   for g, unused in zip(grads, self.unused)]  # fmt: skip
+        squares = [tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in grads]
         for i, values in rows:
             squares[i] = tf.reduce_sum(tf.square(tf.cast(values, tf.float32)))
         total = tf.add_n([tf.zeros(())] + [q for q, counted in zip(squares, self.counted) if counted])
