@@ -40,7 +40,7 @@ MIN_BUCKET, MAX_BUCKET = 256 * 1024, 32 * 1024 * 1024  # bytes
 
 
 def bucket_bounds(sizes: Sequence[int], bucket_bytes: float) -> list[tuple[int, int]]:
-    """Variable index ranges [a, b) of at least `bucket_bytes` of float32 gradients each
+    """Variable index ranges [a, b) of at least `bucket_bytes` of gradients each (as float32)
     (the first-made bucket may be smaller), from the last variable back to the first."""
     bounds, stop, acc = [], len(sizes), 0
     for i in range(len(sizes) - 1, -1, -1):
@@ -78,8 +78,10 @@ class Reducer:
                 self._tied_key[i], stages = place[id(v)]
                 self.tied.setdefault(stages, []).append(i)
         size = int(offsets[-1]) if self.needed else 0
-        self._local = aligned_empty((size,), np.float32)  # this rank's gradients
-        self._summed = aligned_empty((size,), np.float32)
+        # float32, or float64 for float64 weights: their sums must not lose what Keras keeps
+        self.dtype = np.float64 if any("float64" in str(v.dtype) for v in variables) else np.float32
+        self._local = aligned_empty((size,), self.dtype)  # this rank's gradients
+        self._summed = aligned_empty((size,), self.dtype)
         self._requests: list = []
         self._posted = 0
         self.overflowed = False  # the last `finish` found a stage's loss-scaled gradients not finite

@@ -297,7 +297,8 @@ class StageCompute:
         posted: list[Any] = []
         for k, (a, b) in enumerate(self.reducer.buckets):
             with tf.control_dependencies(done[a:b] + posted):
-                flat = tf.concat([tf.reshape(tf.cast(acc.read_value(), tf.float32), [-1]) for acc in self.acc[a:b]], 0)
+                parts = [tf.cast(acc.read_value(), self.reducer.dtype) for acc in self.acc[a:b]]
+                flat = tf.concat([tf.reshape(p, [-1]) for p in parts], 0)
             post = functools.partial(_post, owner, k)
             posted = [tf.numpy_function(post, [flat], tf.int32, name=f"hand_over_bucket_{k}")]
         return done + posted
