@@ -146,9 +146,9 @@ class StageCompute:
             self.clip = None  # the optimizer clips its averaged gradients at its update steps
         first = {id(v): min(stages) for v, stages in plan.tied}
         self.counted = [first.get(id(v), index) == index for v in self.variables]
-        self.sparse = [False] * len(self.variables)  # per variable: its gradient came as IndexedSlices
-        # ... or came as None: it is not updated, as Keras's optimizer skips it (a tied one
-        # takes the other holders' gradient; a stage with no gradient at all applies zeros)
+        # Per variable: its gradient came as None, so it is not updated, as Keras's optimizer
+        # skips it (a tied one takes the other holders' gradient; a stage with no gradient at
+        # all applies zeros). Set by each trace of a backward, alike at every trace.
         self.unused = [False] * len(self.variables)
         self.tied = {i for i, v in enumerate(self.variables) if id(v) in first}
         self.keep_rows = bool(self.variables) and self.optimizer is not None and sparse_rows_matter(self.optimizer)
@@ -280,7 +280,6 @@ class StageCompute:
     def _accumulate_now(self, grads, hand_over: bool = False) -> list[Any]:
         """Add `grads` into the accumulators; with `hand_over` (the step's last backward),
         then pass each bucket to the reducer once its accumulators are final, in bucket order."""
-        self.sparse = [isinstance(g, tf.IndexedSlices) for g in grads]  # the same at every trace
         unused = [g is None and i not in self.tied for i, g in enumerate(grads)]
         self.unused = [False] * len(grads) if all(unused) else unused  # the optimizer needs one
         done = [tf.no_op() if g is None else a.assign_add(tf.cast(tf.convert_to_tensor(g), a.dtype))
@@ -288,7 +287,7 @@ class StageCompute:
         if self.keep_rows:
             owner = weakref.ref(self)
             for i, g in enumerate(grads):
-                if self.sparse[i]:
+                if isinstance(g, tf.IndexedSlices):
                     keep = functools.partial(_keep_rows, owner, i)
                     done.append(tf.numpy_function(keep, [g.values, tf.cast(g.indices, tf.int64)], tf.int32))
         if not hand_over:
