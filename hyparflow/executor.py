@@ -46,6 +46,7 @@ class _Step:
     divisors: Any
     parts: np.ndarray
     hand_over: int  # the micro-batch whose backward is the step's last, when the step reduces; else -1
+    update: bool  # the backward runs the optimizer (`StageCompute.updates_in_backward`)
     loss: float = 0.0
     pending: list = field(default_factory=list)  # (buffer, request) of sends in flight
     stash: dict = field(default_factory=dict)  # micro-batch -> what its backward needs
@@ -122,7 +123,8 @@ class Executor:
         """Run the schedule over `micro`, reduce, apply. Returns this rank's share of the
         step's loss, and of each output's unweighted loss."""
         c, sizes = self.compute, [mb.size for mb in micro]
-        c.allocate()
+        update = c.updates_in_backward(len(micro))
+        c.allocate(accumulators=not update)
         c.rows.clear()
         self.reducer.begin()
         if self.timeline is not None:
@@ -135,6 +137,7 @@ class Executor:
             divisors=tf.constant(norm.divisors, tf.float32),
             parts=np.zeros(len(c.plan.graph.output_names)),
             hand_over=last if self.reducer.needed else -1,
+            update=update,
         )
         for op, m in ops:
             if op == FORWARD:
@@ -145,7 +148,8 @@ class Executor:
                     self._backward(step, m)
         with phase("sends to neighbouring stages"):
             self.transport.wait([r for _, r in step.pending], "sends to neighbouring stages")
-        self._update()
+        if not update:
+            self._update()
         if self.timeline is not None:
             self.timeline.end_step()
         return step.loss, step.parts
@@ -206,12 +210,12 @@ class Executor:
         t0 = _clocks()
         if c.fused:
             sends, in_grads, loss, per_output = c.forward_backward(
-                *args, step.divisors, self._reg_scale(norm, mb), hand_over=m == step.hand_over
+                *args, step.divisors, self._reg_scale(norm, mb), hand_over=m == step.hand_over, update=step.update
             )
             step.stash[m] = in_grads
         else:
             sends, loss, per_output, step.stash[m] = c.forward(
-                args, step.divisors, self._reg_scale(norm, mb), hand_over=m == step.hand_over
+                args, step.divisors, self._reg_scale(norm, mb), hand_over=m == step.hand_over, update=step.update
             )
         self._compute_done("fused" if c.fused else "forward", m, t0)
         step.loss += float(loss)

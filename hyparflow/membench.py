@@ -74,10 +74,11 @@ def worker(args) -> dict[str, Any] | None:
     model = build(args.model)
     x, y = _data(args.model, args.batch_size, args.steps)
     h = hf.fit(model, x, y, batch_size=args.batch_size, shuffle=False, verbose=0, num_partitions=args.P,
-               num_microbatches=args.M, gather=args.gather, balance="params")  # fmt: skip
+               num_microbatches=args.M, gather=args.gather, balance="params", recompute=args.recompute)  # fmt: skip
     s = session._SESSIONS[model][1]
     micro = args.batch_size // (s.R * s.M)
-    stages = memory.estimate(s.plan, model.optimizer, micro, s.M, s.layout.schedule)
+    direct = [s.grid.stage] if s.compute.updates_in_backward(s.M) else []
+    stages = memory.estimate(s.plan, model.optimizer, micro, s.M, s.layout.schedule, updates_in_backward=direct)
     at_end = args.gather == "all" or (args.gather == "rank0" and s.transport.rank == 0)
     mine = {
         "peak_mb": _peak_mb(),
@@ -100,6 +101,7 @@ def _worker_main(argv: list[str]) -> int:
     p.add_argument("--P", type=int, default=1)
     p.add_argument("--M", type=int, default=1)
     p.add_argument("--gather", default="rank0")
+    p.add_argument("--recompute", action="store_true")
     result = worker(p.parse_args(argv))
     if result is not None:
         report(result)
@@ -111,7 +113,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", action="store_true", help="measure peak memory per rank instead of throughput")
     p.add_argument("--memory-models", default="mlp,mlp-sgd", help=f"models for --memory, of {sorted(MODELS)}")
     p.add_argument(
-        "--memory-configs", default="4x2:rank0,4x2:none,2x2:rank0,2x2:none", help="PxM:gather grids for --memory"
+        "--memory-configs",
+        default="4x2:rank0,4x2:none,2x2:rank0,2x2:none,2x1:none:recompute",
+        help="PxM:gather[:recompute] grids for --memory",
     )
 
 
@@ -127,10 +131,12 @@ def main(args) -> int:
         variants: list[tuple[str, str, int, tuple[str, ...]]] = [("baseline", "baseline", 1, ())]
         variants.append(("keras", "keras", 1, ()))
         for item in filter(None, args.memory_configs.split(",")):
-            grid, _, gather = item.partition(":")
+            grid, gather, *flags = item.split(":") + [""]
             P, M = (int(v) for v in grid.split("x"))
+            recompute = "recompute" in flags
             extra: tuple[str, ...] = ("--P", str(P), "--M", str(M), "--gather", gather or "rank0")
-            variants.append((f"hyparflow P={P} M={M} gather={gather or 'rank0'}", "hyparflow", P, extra))
+            name = f"hyparflow P={P} M={M} gather={gather or 'rank0'}" + (" recompute" if recompute else "")
+            variants.append((name, "hyparflow", P, extra + (("--recompute",) if recompute else ())))
         runs: dict[str, list[dict]] = {name: [] for name, *_ in variants}
         for round_ in range(args.repeats):  # alternating, so that the machine's drift hits all alike
             for name, kind, np_, extra in variants:

@@ -10,7 +10,7 @@ weight gather to rank 0, `gather="all"`, a checkpoint load).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,7 +95,7 @@ class StageMemory:
     """Estimated bytes one rank of a stage holds while training."""
 
     weights: int  # the stage's variables (tied layers' on each holding stage)
-    accumulators: int  # one gradient accumulator per trainable variable
+    accumulators: int  # one per trainable variable; none where the backward runs the optimizer
     gradients: int  # gradients in flight: added into the accumulators as the backward makes them
     optimizer: int  # the optimizer's slots for the stage's trainable variables
     activations: int  # stashed activations of the micro-batches in flight
@@ -129,19 +129,31 @@ def in_flight(schedule: str, num_partitions: int, stage: int, num_microbatches: 
     return min(num_microbatches, num_partitions - stage)
 
 
-def estimate(plan, optimizer, microbatch_size: int, num_microbatches: int = 1, schedule: str = "1f1b"):
-    """Per stage of `plan`, what one of its ranks holds while training (`StageMemory`)."""
+def estimate(
+    plan,
+    optimizer,
+    microbatch_size: int,
+    num_microbatches: int = 1,
+    schedule: str = "1f1b",
+    updates_in_backward: Collection[int] = (),
+):
+    """Per stage of `plan`, what one of its ranks holds while training (`StageMemory`);
+    `updates_in_backward`: the stages whose optimizer runs in their backward, without
+    accumulators (`StageCompute.updates_in_backward`)."""
     slots = slots_per_variable(optimizer)
     out = []
     for st in plan.stages:
         trainable = _bytes(st.trainable_variables)
         # Measured: about two variables' gradients are alive beside the accumulators while
         # the compiled backward adds them in, and two temporaries while the optimizer
-        # updates one variable after another.
-        largest = sorted((_bytes([v]) for v in st.trainable_variables), reverse=True)[:2]
+        # updates one variable after another; about four, gradients and temporaries, when
+        # the backward runs the optimizer (as in Keras's own train_step).
+        direct = st.index in updates_in_backward
+        largest = sorted((_bytes([v]) for v in st.trainable_variables), reverse=True)[: 4 if direct else 2]
         act = sum(c.act_bytes for c in st.calls) + sum(t.bytes_per_sample for t in st.inputs)
         live = in_flight(schedule, plan.num_partitions, st.index, num_microbatches)
-        out.append(StageMemory(_bytes(st.variables), trainable, sum(largest), slots * trainable,
+        acc = 0 if direct else trainable
+        out.append(StageMemory(_bytes(st.variables), acc, sum(largest), slots * trainable,
                                act * microbatch_size * live))  # fmt: skip
     return out
 

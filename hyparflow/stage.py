@@ -11,7 +11,9 @@ torchgpipe and DeepSpeed do): memory for time. Either way the variables' gradien
 added into the accumulators inside the compiled backward, so a few layers' gradients are
 alive at a time, never the whole stage's beside its accumulators. The step's last
 backward also hands each bucket of finished accumulators to the reducer as it completes
-(`Reducer.post`), so the replicas' allreduce overlaps the rest of the backward.
+(`Reducer.post`), so the replicas' allreduce overlaps the rest of the backward. A step with
+one micro-batch and nothing to reduce needs no accumulators: a backward that is one compiled
+function (fused or recomputed) then runs the optimizer itself (`updates_in_backward`).
 
 A recomputed forward must draw what the original drew, so the stage's non-trainable
 state (seed generators, BatchNorm statistics) is put back to where it stood before the
@@ -67,6 +69,7 @@ class _Inputs:
     args: tuple
     state: list[Any]
     hand_over: bool
+    update: bool
 
 
 @dataclass
@@ -160,18 +163,32 @@ class StageCompute:
         # created non-trainable. A frozen layer's weights stay trainable variables and are left out.
         self.state = [v for v in st.variables if not v.trainable]
         self.acc: list[Any] = []  # made by `allocate`
-        self.reducer: Any = None  # the executor's `Reducer`, when a step reduces at all
+        self.reducer: Any = None  # the executor's `Reducer`
         self._build()
 
-    def allocate(self) -> None:
-        """Make the optimizer's slots, then the gradient accumulators, before the first
-        training step: by then a rank holds only its stage's weights (rank 0 releases the
-        others once it has sent them), and slots made first find room for their making."""
-        if len(self.acc) == len(self.variables):
-            return
+    def updates_in_backward(self, num_microbatches: int) -> bool:
+        """Whether a step of `num_microbatches` runs the optimizer inside its compiled
+        backward, each variable's update as soon as its gradient exists, as Keras's
+        train_step does, so that neither accumulators nor the whole stage's gradients are
+        ever held: one micro-batch, nothing to sum or agree on with other ranks, and a
+        backward that is one compiled function (fused, or recomputed)."""
+        return (
+            num_microbatches == 1
+            and bool(self.variables)
+            and self.clip is None
+            and not self.reducer.needed
+            and (self.fused or self.recompute)
+        )
+
+    def allocate(self, accumulators: bool) -> None:
+        """Make the optimizer's slots, then (`accumulators`) the gradient accumulators,
+        before the first training step that needs them: by then a rank holds only its
+        stage's weights (rank 0 releases the others once it has sent them), and slots
+        made first find room for their making."""
         if self.optimizer is not None and not getattr(self.optimizer, "built", False):
             self.optimizer.build(self.variables)
-        self.acc = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in self.variables]
+        if accumulators and len(self.acc) != len(self.variables):
+            self.acc = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in self.variables]
 
     def _run(self, recv_vals, data_vals, ys, sws, divisors, reg_scale, training: bool, *, metrics: bool = True):
         st, obj = self.stage, self.objective
@@ -249,10 +266,10 @@ class StageCompute:
         n = len(self.variables)
         return grads[:n] + [tf.zeros_like(x) if g is None else g for g, x in zip(grads[n:], float_in)]
 
-    def _fused(self, recv_vals, *rest, hand_over: bool = False):
+    def _fused(self, recv_vals, *rest, hand_over: bool = False, update: bool = False):
         tape, float_in, sends, loss, scaled, per_output = self._taped_forward(recv_vals, rest)
         grads = self._gradients(tape, float_in, tf.ones_like(scaled), scaled, [], [])
-        self._accumulate_now(grads[: len(self.variables)], hand_over)
+        self._take(grads[: len(self.variables)], hand_over, update)
         return sends, grads[len(self.variables) :], loss, per_output
 
     def _forward_from(self, *args):
@@ -262,10 +279,10 @@ class StageCompute:
         return sends, loss, per_output, before
 
     def _recomputed(
-        self, recv_vals, data_vals, ys, sws, divisors, reg_scale, before, out_grads, hand_over: bool = False
+        self, recv_vals, data_vals, ys, sws, divisors, reg_scale, before, out_grads, hand_over=False, update=False
     ):
-        """Run the forward again from state `before`, differentiate and accumulate; leave
-        the state as it was found. Returns the float inputs' gradients."""
+        """Run the forward again from state `before`, differentiate and accumulate (or
+        update); leave the state as it was found. Returns the float inputs' gradients."""
         now = [tf.identity(v) for v in self.state]
         for v, value in zip(self.state, before):
             v.assign(value)
@@ -274,8 +291,21 @@ class StageCompute:
         grads = self._gradients(tape, float_in, tf.ones_like(scaled), scaled, sends, out_grads)
         for v, value in zip(self.state, now):
             v.assign(value)
-        self._accumulate_now(grads[: len(self.variables)], hand_over)
-        return grads[len(self.variables) :]
+        self._take(grads[: len(self.variables)], hand_over, update)
+        # The loss too, for an output: TensorFlow runs a function that has none (a first
+        # stage's: no input gradients) in an order that keeps every gradient alive at once.
+        return grads[len(self.variables) :], scaled
+
+    def _take(self, grads, hand_over: bool, update: bool) -> None:
+        """Hand a compiled backward's variable gradients on: to the optimizer (`update`, see
+        `updates_in_backward`: None for unused variables, which Keras's optimizer skips, or
+        zeros for all if all are, as its `apply` refuses that), else to the accumulators."""
+        if not update:
+            self._accumulate_now(grads, hand_over)
+            return
+        if all(g is None for g in grads):
+            grads = [tf.zeros_like(v) for v in self.variables]
+        self.optimizer.apply(grads, self.variables)
 
     def _accumulate_now(self, grads, hand_over: bool = False) -> list[Any]:
         """Add `grads` into the accumulators; with `hand_over` (the step's last backward),
@@ -376,13 +406,14 @@ class StageCompute:
         out = st.forward(feeds, training=False)
         return [out[t] for t in self.send_ids], [out[t] for t in st.output_tensors]
 
-    def forward(self, args, divisors, reg_scale, hand_over: bool = False):
+    def forward(self, args, divisors, reg_scale, hand_over: bool = False, update: bool = False):
         """Training forward: (sends, loss, per-output, stash for `backward`). The stash is
         the forward's tape, or with `recompute` its inputs and starting state. With
-        `hand_over`, the stash's backward is the step's last (see `_accumulate_now`)."""
+        `hand_over`, the stash's backward is the step's last (see `_accumulate_now`); with
+        `update`, it runs the optimizer (recomputed only: see `updates_in_backward`)."""
         if self.recompute:
             sends, loss, per_output, before = self.forward_from(*args, divisors, reg_scale)
-            return sends, loss, per_output, _Inputs((*args, divisors, reg_scale), before, hand_over)
+            return sends, loss, per_output, _Inputs((*args, divisors, reg_scale), before, hand_over, update)
         tape = tf.GradientTape()
         with tape:
             anchor = tf.zeros(())
@@ -396,7 +427,10 @@ class StageCompute:
     def backward(self, stash, out_grads) -> list[Any]:
         """Accumulate the variables' gradients; returns the float inputs' gradients."""
         if isinstance(stash, _Inputs):
-            return self.recomputed(*stash.args, stash.state, out_grads, hand_over=stash.hand_over)
+            in_grads, _ = self.recomputed(
+                *stash.args, stash.state, out_grads, hand_over=stash.hand_over, update=stash.update
+            )
+            return in_grads
         tape, sources, scaled, sends = stash
         float_out = [s for t, s in zip(self.send_ids, sends) if t in self.send_float]
         grads = tape.gradient([scaled] + float_out, sources, output_gradients=[tf.ones_like(scaled)] + list(out_grads))

@@ -38,6 +38,9 @@ CASES: dict[str, tuple] = {
     # activation recomputation: BatchNorm stages; an early head with regularizers and sample weights
     "recompute resnet_bn P4 M1 adam": ("resnet_bn", 4, 1, "1f1b", "adam", 48, 16, False, 1),
     "recompute multi_io P2 R2 M2 gpipe": ("multi_io", 2, 2, "gpipe", "sgd", 48, 16, True, 1),
+    # one micro-batch, nothing to reduce: every stage's optimizer runs inside its recomputed backward
+    "recompute unused P4 M1 adamw": ("unused_output", 4, 1, "1f1b", "adamw weight_decay=0.5", 48, 16, False, 1),
+    "recompute int_boundary P4 M1 adam": ("int_boundary", 4, 1, "1f1b", "adam", 48, 16, False, 1),
     # global_clipnorm clips by the whole model's norm: summed over stages, tied weights once
     "global_clipnorm mlp P4 M4 adam": ("mlp", 4, 4, "1f1b", "adam global_clipnorm", 48, 16, False, 1),
     "global_clipnorm tied_lm P2 R2 M2": ("tied_lm", 2, 2, "1f1b", "sgd global_clipnorm", 32, 16, False, 1),

@@ -145,6 +145,9 @@ def test_plan_reports_memory_per_stage():
     est = memory.estimate(plan, model.optimizer, 4)
     weights = sum(int(np.prod(v.shape)) * 4 for v in plan.stages[0].trainable_variables)
     assert est[0].weights == weights and est[0].optimizer == 2 * weights  # Adam: two slots per variable
+    assert est[0].accumulators == weights
+    direct = memory.estimate(plan, model.optimizer, 4, updates_in_backward=[1])
+    assert direct[0] == est[0] and direct[1].accumulators == 0 and direct[1].gradients > est[1].gradients
     assert memory.slots_per_variable(keras.optimizers.SGD(momentum=0.9)) == 1
     assert memory.slots_per_variable(keras.optimizers.SGD()) == 0
 
@@ -177,39 +180,59 @@ def test_bench_memory_reports_peaks_and_the_estimate(tmp_path):
     assert row["loss"] == pytest.approx(report["variants"]["keras"]["loss"], rel=1e-5)
 
 
-def test_gradients_in_flight_stay_a_few_variables_not_a_stage():
-    """The backward adds each variable's gradient into its accumulator inside the compiled
-    step, and the optimizer updates one variable after another: over a training epoch the
-    process's allocations rise above the live state by a few variables, not by a stage's
-    gradients (12 MB here; 2 loopback ranks in one process)."""
+def _wide(depth: int):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((512,))
+    x = inputs
+    for _ in range(depth):
+        x = keras.layers.Dense(512, use_bias=False)(x)  # 1 MB per variable
+    model = keras.Model(inputs, x)
+    model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="mse")
+    return model
 
-    def wide():
-        keras.utils.set_random_seed(0)
-        inputs = keras.Input((512,))
-        x = inputs
-        for _ in range(24):
-            x = keras.layers.Dense(512, use_bias=False)(x)  # 1 MB per variable
-        model = keras.Model(inputs, x)
-        model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="mse")
-        return model
 
+def _epoch_memory(depth: int, num_microbatches: int, recompute: bool = False) -> tuple[float, list]:
+    """Train `_wide(depth)` for three epochs at P=2 on 2 loopback ranks in one process; returns
+    how far the process's allocations rose in the last epoch above where they stood at
+    its start (MB), and each stage's accumulators."""
     import tensorflow as tf
 
-    class Transient(keras.callbacks.Callback):
+    class Probe(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             tf.config.experimental.reset_memory_stats("CPU:0")
-            self.live = tf.config.experimental.get_memory_info("CPU:0")["current"]
+            self.live = tf.config.experimental.get_memory_info("CPU:0")["current"] / 2**20
 
         def on_epoch_end(self, epoch, logs=None):
-            self.rise = (tf.config.experimental.get_memory_info("CPU:0")["peak"] - self.live) / 2**20
+            self.rise = tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**20 - self.live
 
-    models, probe = [wide() for _ in range(2)], Transient()
+    models, probe = [_wide(depth) for _ in range(2)], Probe()
     x = np.random.default_rng(0).standard_normal((64, 512)).astype("float32")
 
     def body(comm):
         callbacks = [probe] if comm.Get_rank() == 0 else []
-        hf.fit(models[comm.Get_rank()], x, x, batch_size=32, epochs=3, shuffle=False, verbose=0,
-               num_partitions=2, num_microbatches=2, gather="none", callbacks=callbacks, comm=comm)  # fmt: skip
+        hf.fit(models[comm.Get_rank()], x, x, batch_size=32, epochs=3, shuffle=False, verbose=0, num_partitions=2,
+               num_microbatches=num_microbatches, recompute=recompute, gather="none", callbacks=callbacks,
+               comm=comm)  # fmt: skip
 
     loopback.run(2, body)
-    assert 0 < probe.rise < 8, f"allocations rose {probe.rise:.1f} MB above the live state in an epoch"
+    return probe.rise, [session._SESSIONS[m][1].compute.acc for m in models]
+
+
+def test_gradients_in_flight_stay_a_few_variables_not_a_stage():
+    """The backward adds each variable's gradient into its accumulator inside the compiled
+    step, and the optimizer updates one variable after another: over a training epoch the
+    process's allocations rise above the live state by a few variables, not by a stage's
+    gradients (12 MB here)."""
+    rise, _ = _epoch_memory(24, num_microbatches=2)
+    assert 0 < rise < 8, f"allocations rose {rise:.1f} MB above the live state in an epoch"
+
+
+def test_one_microbatch_updates_in_the_backward_without_accumulators():
+    """With one micro-batch and nothing to reduce, each stage's optimizer runs inside its
+    compiled backward (recomputed on the first stage), as Keras's train_step runs it: no
+    accumulators are made, and the gradients in flight stay a few variables, not a stage's
+    (24 MB here: TensorFlow runs a compiled function without outputs, as a first stage's
+    recomputed backward would be, in an order that keeps them all)."""
+    rise, acc = _epoch_memory(48, num_microbatches=1, recompute=True)
+    assert acc == [[], []]
+    assert 0 < rise < 16, f"allocations rose {rise:.1f} MB above the live state in an epoch"
