@@ -96,12 +96,13 @@ class Executor:
     def _send_activations(self, pending: list, sends) -> None:
         info = self.compute.plan.graph.tensors
         for t, value in zip(self.compute.send_ids, sends):
-            if tuple(value.shape[1:]) != tuple(info[t].shape):
+            now, symbolic = (tuple(value.shape[1:]), value.dtype.name), (tuple(info[t].shape), info[t].dtype)
+            if now != symbolic:
                 raise ConfigError(
-                    f"'{info[t].name}' has per-sample shape {tuple(value.shape[1:])} at run time, but Keras's "
-                    f"symbolic shape for it (its layer's compute_output_shape) is {tuple(info[t].shape)}, and "
-                    "transfers between stages are sized by the symbolic shape; choose cuts that keep this "
-                    "tensor inside a stage (balance=[...]), or fix the layer's compute_output_shape."
+                    f"'{info[t].name}' has per-sample shape and dtype {now} at run time, but Keras's symbolic "
+                    f"ones for it (its layer's compute_output_spec) are {symbolic}, and transfers between "
+                    "stages are sized and typed by them; choose cuts that keep this tensor inside a stage "
+                    "(balance=[...]), or fix the layer's compute_output_shape or dtype."
                 )
             for d in self.compute.dests[t]:
                 self._send(pending, value, d, self.tag[t])

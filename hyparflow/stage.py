@@ -193,7 +193,7 @@ class StageCompute:
     def _run(self, recv_vals, data_vals, ys, sws, divisors, reg_scale, training: bool, *, metrics: bool = True):
         st, obj = self.stage, self.objective
         feeds = dict(zip(st.recv, recv_vals))
-        feeds.update(zip(st.data_inputs, data_vals))  # model input position i is tensor index i
+        feeds.update(self._model_inputs(data_vals))
         out = st.forward(feeds, training=training)
         preds = [out[t] for t in st.output_tensors]
         loss, per_output = obj.stage_loss(st.model_outputs, ys, preds, sws, divisors)
@@ -203,6 +203,13 @@ class StageCompute:
         if metrics:
             obj.update_metrics(st.model_outputs, ys, preds, sws)
         return [out[t] for t in self.send_ids], loss + reg, per_output, preds
+
+    def _model_inputs(self, data_vals) -> dict[int, Any]:
+        """The stage's model inputs (model input i is tensor i), cast to their `keras.Input`
+        dtypes as Keras's functional call casts them (NumPy's int64 into an int32 input): an
+        input may cross to a later stage as it came, and transfers are typed symbolically."""
+        tensors = self.plan.graph.tensors
+        return {t: tf.cast(v, tensors[t].dtype) for t, v in zip(self.stage.data_inputs, data_vals)}
 
     def _train_forward(self, recv_vals, data_vals, ys, sws, divisors, reg_scale, *, metrics: bool = True):
         """Also returns the loss to differentiate, scaled as the optimizer asks
@@ -402,7 +409,7 @@ class StageCompute:
         """Forward only, no loss or metrics: (sends, model outputs)."""
         st = self.stage
         feeds = dict(zip(st.recv, recv_vals))
-        feeds.update(zip(st.data_inputs, data_vals))
+        feeds.update(self._model_inputs(data_vals))
         out = st.forward(feeds, training=False)
         return [out[t] for t in self.send_ids], [out[t] for t in st.output_tensors]
 

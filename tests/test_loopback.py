@@ -168,5 +168,27 @@ def test_a_layer_whose_run_time_shape_is_not_its_symbolic_one_is_named_at_a_cut(
         model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         return model
 
-    with pytest.raises(Exception, match=r"'doubled' has per-sample shape \(8,\) at run time.*symbolic shape"):
+    with pytest.raises(Exception, match=r"'doubled' has per-sample shape and dtype \(\(8,\), 'float32'\) at run"):
         grid_fit(build, 2, num_partitions=2, balance=[2, 2])
+
+
+@pytest.mark.parametrize("dtype", ["int32", "float32"])
+def test_model_inputs_are_cast_to_their_input_dtype_before_crossing_a_cut(dtype):
+    """NumPy's int64 and float64 arrays for int32 and float32 inputs, which cross to stage 1
+    as they came: cast as Keras casts them, they are sent as the symbolic dtype says."""
+    import keras
+    from training import train_like_keras
+
+    def build():
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((6,), dtype=dtype)
+        x = keras.layers.Identity()(inp)
+        x = keras.layers.Embedding(10, 4)(x) if dtype == "int32" else keras.layers.Dense(4)(x)
+        model = keras.Model(inp, keras.layers.Dense(3)(keras.layers.Flatten()(x)))
+        model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 10, (16, 6)) if dtype == "int32" else rng.standard_normal((16, 6))
+    result = train_like_keras(build, x, rng.integers(0, 3, 16), num_partitions=2, balance=[1, 3])
+    assert result.err < 1e-5, result
