@@ -93,9 +93,18 @@ class Executor:
         if timeline is not None:
             timeline.add(f"send to rank {self.grid.ranks[self.grid.replica][dest]}", "send", t0)
 
-    def _send_activations(self, pending: list, sends) -> None:
+    def _send_activations(self, pending: list, sends, size: int) -> None:
+        """Send a micro-batch of `size` samples' boundary tensors, each as Keras's symbolic
+        shape and dtype say (the receiver's buffer is made by them)."""
         info = self.compute.plan.graph.tensors
         for t, value in zip(self.compute.send_ids, sends):
+            if value.shape[0] != size:
+                raise ConfigError(
+                    f"'{info[t].name}' has {value.shape[0]} rows at run time for a micro-batch of {size} samples: "
+                    "its first axis is not the batch's (a table made once for all samples, or an axis folded into "
+                    "the batch's, as video models fold frames), so it cannot be split into micro-batches; choose "
+                    "cuts (balance=[...]) that keep it inside a stage."
+                )
             now, symbolic = (tuple(value.shape[1:]), value.dtype.name), (tuple(info[t].shape), info[t].dtype)
             if now != symbolic:
                 raise ConfigError(
@@ -221,7 +230,7 @@ class Executor:
         self._compute_done("fused" if c.fused else "forward", m, t0)
         step.loss += float(loss)
         step.parts[c.stage.model_outputs] += [float(p) for p in per_output]
-        self._send_activations(step.pending, sends)
+        self._send_activations(step.pending, sends, mb.size)
 
     def _backward(self, step: _Step, m: int) -> None:
         c = self.compute
@@ -266,7 +275,7 @@ class Executor:
                     parts[c.stage.model_outputs] += [float(p) for p in per_output]
                 self._compute_done("forward", m, t0)
                 outputs.append(preds)
-                self._send_activations(pending, sends)
+                self._send_activations(pending, sends, mb.size)
             self.transport.wait([r for _, r in pending], "sends to neighbouring stages")
         if self.timeline is not None:
             self.timeline.end_step()

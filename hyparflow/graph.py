@@ -45,6 +45,7 @@ class TensorInfo:
     model_input: int = -1  # position among model.inputs, or -1
     consumers: list[int] = field(default_factory=list)
 
+    batched: bool = True  # its symbolic first axis is the batch's (not fixed, as a table made once for all is)
     label: str = ""  # the producing call's name (":k" for its k-th output), or the input's
     mask: int = -1  # index of the tensor holding this tensor's Keras mask, or -1
     mask_of: int = -1  # for a mask tensor: index of the tensor it masks, else -1
@@ -308,11 +309,18 @@ class ModelGraph:
         names[base] = count + 1
         name = base if count == 0 else f"{base}#{count}"
         single = len(site.outs) == 1
+        ins = tuple(dict.fromkeys(self._tensor_of[k] for _, k in site.args))
+        # A fixed first axis is a table made once for all samples, unless the call mixes such
+        # a table with batched inputs (Keras's broadcasting then fixes the batch axis too) or
+        # reads a batched tensor whose axis was fixed so.
+        given = [self.tensors[i] for i in ins]
+        inherits = len({g.batched for g in given}) > 1 or any(g.batched and g.ref.shape[:1] != (None,) for g in given)
         outs = tuple(
-            self._add_tensor(t, key, shape, producer=idx, label=name if single else f"{name}:{j}")
+            self._add_tensor(
+                t, key, shape, producer=idx, label=name if single else f"{name}:{j}", batched=inherits or None
+            )
             for j, (t, key, shape) in enumerate(zip(site.node.outputs, site.outs, shapes))
         )
-        ins = tuple(dict.fromkeys(self._tensor_of[k] for _, k in site.args))
         for i in ins:
             self.tensors[i].consumers.append(idx)
         weights = weights_of(op)
@@ -330,10 +338,15 @@ class ModelGraph:
             context=site.context,
         )
 
-    def _add_tensor(self, t, key: Key, shape: tuple, producer: int, model_input: int = -1, label: str = "") -> int:
+    def _add_tensor(
+        self, t, key: Key, shape: tuple, producer: int, model_input: int = -1, label: str = "", batched=None
+    ) -> int:
         if key in self._tensor_of:
             return self._tensor_of[key]
-        info = TensorInfo(len(self.tensors), t, shape, str(t.dtype), producer, model_input=model_input, label=label)
+        if batched is None:
+            batched = len(t.shape) > 0 and t.shape[0] in (None, self.functional.inputs[0].shape[0])
+        info = TensorInfo(len(self.tensors), t, shape, str(t.dtype), producer, model_input, batched=batched)
+        info.label = label
         self.tensors.append(info)
         self._tensor_of[key] = info.index
         return info.index
@@ -363,6 +376,14 @@ class ModelGraph:
 
     def __len__(self) -> int:
         return len(self.calls)
+
+    def uncuttable(self) -> set[int]:
+        """Stage starts that would send a tensor whose symbolic first axis is fixed (made once
+        for all samples, as a rotary position table is): micro-batches cannot split it.
+        Keras's shape inference can fix a batch axis too (broadcasting against such a
+        table), so the planner avoids these cuts where it can, and the executor checks."""
+        return {k for t in self.tensors if not t.batched and t.producer >= 0
+                for k in range(t.producer + 1, max(t.consumers, default=t.producer) + 1)}  # fmt: skip
 
     @property
     def fingerprint(self) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -336,7 +336,7 @@ def plan(
         # weights, accumulator, one step's gradient and the optimizer's slots, per parameter byte
         per_byte = 3 + memory.slots_per_variable(optimizer)
         need = [float(c.param_bytes * per_byte + c.act_bytes * microbatch_size) for c in graph.calls]
-        starts = balanced_cuts([c.cost for c in graph.calls], num_partitions, need, memory_limit)
+        starts = balanced_cuts([c.cost for c in graph.calls], num_partitions, need, memory_limit, graph.uncuttable())
         if balance == "time" and num_partitions > 1:
             starts = _calibrated(graph, starts, need, memory_limit)
         graph.profiler = None  # its sample activations, one per tensor, are needed no more
@@ -413,7 +413,7 @@ def _calibrated(graph: ModelGraph, starts: list[int], need: list[float], memory_
         scale = seconds / sum(c.cost for c in graph.calls[a:b])
         for c in graph.calls[a:b]:
             c.cost *= scale
-    return balanced_cuts([c.cost for c in graph.calls], len(starts), need, memory_limit)
+    return balanced_cuts([c.cost for c in graph.calls], len(starts), need, memory_limit, graph.uncuttable())
 
 
 def balanced_cuts(
@@ -421,8 +421,10 @@ def balanced_cuts(
     parts: int,
     memory: list[float] | None = None,
     memory_limit: float | None = None,
+    uncuttable: Collection[int] = (),
 ) -> list[int]:
-    """Stage start indices minimising the largest stage cost (contiguous stages).
+    """Stage start indices minimising the largest stage cost (contiguous stages), none in
+    `uncuttable` unless too few others are left (the executor then checks what is sent).
 
     Exact up to float resolution: bisection on the bottleneck value, each probe a
     greedy feasibility test (furthest legal cut under both the cost and the memory
@@ -439,12 +441,21 @@ def balanced_cuts(
             "bytes).",
         )
 
+    legal = [i > 0 and i not in uncuttable for i in range(n)]
+    if sum(legal) < parts - 1:
+        legal = [i > 0 for i in range(n)]
+
     def greedy(limit: float) -> list[int] | None:
         starts, acc, used = [0], 0.0, 0.0
         for i, (c, m) in enumerate(zip(costs, mem)):
             if i > starts[-1] and (acc + c > limit or used + m > cap):
-                starts.append(i)
-                acc, used = 0.0, 0.0
+                cut = next((j for j in range(i, starts[-1], -1) if legal[j]), None)
+                if cut is None:
+                    return None
+                starts.append(cut)
+                acc, used = sum(costs[cut:i]), sum(mem[cut:i])
+                if acc + c > limit or used + m > cap:
+                    return None
             if c > limit:
                 return None
             acc, used = acc + c, used + m
@@ -470,14 +481,15 @@ def balanced_cuts(
     # Fewer stages than asked: split the costliest multi-call stages (never raises the max).
     while len(starts) < parts:
         bounds = starts + [n]
-        splittable = [k for k in range(len(starts)) if bounds[k + 1] - bounds[k] > 1]
+        splittable = [k for k in range(len(starts)) if any(legal[bounds[k] + 1 : bounds[k + 1]])]
         _, k = max((sum(costs[bounds[k] : bounds[k + 1]]), k) for k in splittable)
         a, b = bounds[k], bounds[k + 1]
         half, acc, cut = sum(costs[a:b]) / 2, 0.0, a + 1
         for i in range(a, b - 1):
             acc += costs[i]
-            cut = i + 1
-            if acc >= half:
-                break
+            if legal[i + 1]:
+                cut = i + 1
+                if acc >= half:
+                    break
         starts = sorted(starts + [cut])
     return starts

@@ -172,6 +172,26 @@ def test_a_layer_whose_run_time_shape_is_not_its_symbolic_one_is_named_at_a_cut(
         grid_fit(build, 2, num_partitions=2, balance=[2, 2])
 
 
+def test_a_tensor_whose_first_axis_is_not_the_batch_is_named_at_a_cut():
+    """A layer that folds another axis into the batch's (video models fold frames) keeps
+    the symbolic shape (None, ...); sent between stages, it gets a clear error."""
+    import keras
+
+    def build():
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((12,))
+        x = keras.layers.Dense(8)(inp)
+        x = keras.layers.Lambda(lambda t: keras.ops.reshape(t, (-1, 4)), output_shape=(4,), name="fold")(x)
+        x = keras.layers.Dense(4)(x)
+        x = keras.layers.Lambda(lambda t: keras.ops.reshape(t, (-1, 8)), output_shape=(8,), name="unfold")(x)
+        model = keras.Model(inp, keras.layers.Dense(3)(x))
+        model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    with pytest.raises(Exception, match="'fold' has 32 rows at run time for a micro-batch of 16 samples"):
+        grid_fit(build, 2, num_partitions=2, balance=[2, 3])
+
+
 @pytest.mark.parametrize("dtype", ["int32", "float32"])
 def test_model_inputs_are_cast_to_their_input_dtype_before_crossing_a_cut(dtype):
     """NumPy's int64 and float64 arrays for int32 and float32 inputs, which cross to stage 1

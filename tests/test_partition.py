@@ -101,19 +101,67 @@ def test_balance_uniform_within_one_layer_of_ideal():
 
 
 def test_balanced_cuts_is_optimal_against_brute_force():
+    """Optimal over every legal split, with some stage starts ruled out (`uncuttable`)."""
     rng = np.random.default_rng(3)
     import itertools
 
-    for _ in range(30):
+    for trial in range(60):
         n, parts = int(rng.integers(4, 10)), int(rng.integers(2, 4))
         costs = list(rng.uniform(0.1, 5, n))
-        starts = balanced_cuts(costs, parts)
+        uncuttable = set(rng.choice(np.arange(1, n), int(rng.integers(0, n - parts)), replace=False).tolist())
+        uncuttable = uncuttable if trial % 2 else set()
+        starts = balanced_cuts(costs, parts, uncuttable=uncuttable)
+        assert len(starts) == parts and not uncuttable & set(starts)
         got = max(sum(costs[a:b]) for a, b in zip(starts, starts[1:] + [n]))
         best = min(
             max(sum(costs[a:b]) for a, b in zip((0,) + cut, cut + (n,)))
-            for cut in itertools.combinations(range(1, n), parts - 1)
+            for cut in itertools.combinations(sorted(set(range(1, n)) - uncuttable), parts - 1)
         )
         assert got == pytest.approx(best, rel=1e-6)
+    assert len(balanced_cuts([1.0] * 4, 3, uncuttable={1, 2})) == 3  # too few others: the executor checks
+
+
+class _Table(keras.layers.Layer):
+    """A tensor made once for all samples (no batch axis), as a rotary position table is."""
+
+    def call(self, x):
+        return keras.ops.ones((1, 4, 8)) * keras.ops.mean(x)
+
+    def compute_output_shape(self, shape):
+        return (1, 4, 8)
+
+
+def _with_table():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4, 8))
+    x = keras.layers.Dense(8)(inp)
+    table = _Table(name="table")(x)
+    for _ in range(4):
+        x = keras.layers.Dense(8)(x)
+    x = keras.layers.Add()([x, table])
+    model = keras.Model(inp, keras.layers.Dense(3)(keras.layers.Flatten()(x)))
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def test_a_tensor_without_a_batch_axis_stays_inside_a_stage():
+    """Cost models cut around it, and it trains as Keras; an explicit cut across it gets a
+    clear error at its first send."""
+    from training import train_like_keras
+
+    model = _with_table()
+    graph = ModelGraph(model)
+    table = next(t for t in graph.tensors if t.name == "table")
+    assert not table.batched and graph.uncuttable() == set(range(table.producer + 1, max(table.consumers) + 1))
+    for parts in (2, 3):
+        plan = hf.plan(model, parts, balance="flops")
+        assert table.index not in plan.boundary
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((16, 4, 8)).astype("float32"), rng.integers(0, 3, 16)
+    result = train_like_keras(_with_table, x, y, num_partitions=2, balance="flops")
+    assert result.err < 1e-5, result
+    with pytest.raises(Exception, match="'table' has 1 rows at run time for a micro-batch of 8 samples"):
+        train_like_keras(_with_table, x, y, num_partitions=2, balance=[3, 6])
 
 
 def test_memory_limit_is_respected():
