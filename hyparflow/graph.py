@@ -345,8 +345,9 @@ class ModelGraph:
             return self._tensor_of[key]
         if batched is None:
             batched = len(t.shape) > 0 and t.shape[0] in (None, self.functional.inputs[0].shape[0])
-        info = TensorInfo(len(self.tensors), t, shape, str(t.dtype), producer, model_input, batched=batched)
-        info.label = label
+        info = TensorInfo(
+            len(self.tensors), t, shape, str(t.dtype), producer, model_input, batched=batched, label=label
+        )
         self.tensors.append(info)
         self._tensor_of[key] = info.index
         return info.index
