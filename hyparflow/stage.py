@@ -432,7 +432,8 @@ class StageCompute:
         return sends, loss, per_output, (tape, [anchor] + float_in, scaled, sends)
 
     def backward(self, stash, out_grads) -> list[Any]:
-        """Accumulate the variables' gradients; returns the float inputs' gradients."""
+        """Accumulate the variables' gradients (or, stashed with `update`, apply them);
+        returns the float inputs' gradients."""
         if isinstance(stash, _Inputs):
             in_grads, _ = self.recomputed(
                 *stash.args, stash.state, out_grads, hand_over=stash.hand_over, update=stash.update
