@@ -129,12 +129,13 @@ class Executor:
         return tf.constant([norm.reg_scale, mb.size / norm.count], tf.float32)
 
     # ---- a training step --------------------------------------------------------------
-    def train_step(self, micro: list[MicroBatch], norm: StepNorm) -> tuple[float, np.ndarray]:
+    def train_step(self, micro: list[MicroBatch], norm: StepNorm, dry: bool = False) -> tuple[float, np.ndarray]:
         """Run the schedule over `micro`, reduce, apply. Returns this rank's share of the
-        step's loss, and of each output's unweighted loss."""
+        step's loss, and of each output's unweighted loss. A `dry` step only accumulates
+        its gradients: no reduction, no update (`hyparflow.rebalance` times such steps)."""
         c, sizes = self.compute, [mb.size for mb in micro]
-        update = c.updates_in_backward(len(micro))
-        c.allocate(accumulators=not update)
+        update = not dry and c.updates_in_backward(len(micro))
+        c.allocate(accumulators=not update, optimizer=not dry)
         c.rows.clear()
         self.reducer.begin()
         if self.timeline is not None:
@@ -146,7 +147,7 @@ class Executor:
             bwd_posted=self._post_recvs(sizes, c.send_float, lambda t: c.dests[t], 1),
             divisors=tf.constant(norm.divisors, tf.float32),
             parts=np.zeros(len(c.plan.graph.output_names)),
-            hand_over=last if self.reducer.needed else -1,
+            hand_over=last if self.reducer.needed and not dry else -1,
             update=update,
         )
         for op, m in ops:
@@ -158,7 +159,7 @@ class Executor:
                     self._backward(step, m)
         with phase("sends to neighbouring stages"):
             self.transport.wait([r for _, r in step.pending], "sends to neighbouring stages")
-        if not update:
+        if not update and not dry:
             self._update()
         if self.timeline is not None:
             self.timeline.end_step()

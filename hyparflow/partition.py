@@ -152,6 +152,8 @@ class Plan:
         self.balance = balance
         self.memory: list[memory.StageMemory] | None = None  # estimated bytes per rank of each stage, if asked
         self.microbatch_size = 1
+        self.call_costs: list[float] = []  # per layer call, what a cost model balanced (`recut` rescales them)
+        self.call_memory: list[float] = []  # per layer call, the bytes `memory_limit` bounded
         self.starts = list(starts)
         n = len(graph.calls)
         bounds = self.starts + [n]
@@ -340,7 +342,9 @@ def plan(
         if balance == "time" and num_partitions > 1:
             starts = _calibrated(graph, starts, need, memory_limit)
         graph.profiler = None  # its sample activations, one per tensor, are needed no more
-        return _with_memory(Plan(graph, starts, balance), optimizer, microbatch_size)
+        planned = _with_memory(Plan(graph, starts, balance), optimizer, microbatch_size)
+        planned.call_costs, planned.call_memory = [c.cost for c in graph.calls], need
+        return planned
     graph.set_costs("flops")
     items: list[Any] = list(balance)
     if all(isinstance(b, int) for b in items):
@@ -414,6 +418,61 @@ def _calibrated(graph: ModelGraph, starts: list[int], need: list[float], memory_
         for c in graph.calls[a:b]:
             c.cost *= scale
     return balanced_cuts([c.cost for c in graph.calls], len(starts), need, memory_limit, graph.uncuttable())
+
+
+def recut(
+    costs: Sequence[float],
+    starts: Sequence[int],
+    seconds: Sequence[float],
+    memory: Sequence[float] | None = None,
+    memory_limit: float | None = None,
+    uncuttable: Collection[int] = (),
+) -> tuple[list[int], float]:
+    """New cuts from each stage's measured `seconds` per step under `starts`. A stage's
+    calls cost what the profile said times the stage's own measured/profiled factor (how
+    it runs: fused or apart, on its rank's threads); a call moved to another stage takes
+    that stage's factor. Returns the cuts and the predicted seconds of their slowest stage."""
+    n = len(costs)
+    bounds = list(zip(starts, list(starts[1:]) + [n]))
+    scales = [t / max(sum(costs[a:b]), 1e-30) for (a, b), t in zip(bounds, seconds)]
+    legal = np.array([i > 0 and i not in uncuttable for i in range(n)])
+    if not all(legal[list(starts[1:])]):
+        legal = np.arange(n) > 0
+    found = scaled_cuts(costs, scales, legal, memory, memory_limit)
+    ends = zip(found, found[1:] + [n])
+    return found, max(k * sum(costs[a:b]) for k, (a, b) in zip(scales, ends))
+
+
+def scaled_cuts(
+    costs: Sequence[float],
+    scales: Sequence[float],
+    legal: np.ndarray,
+    memory: Sequence[float] | None = None,
+    memory_limit: float | None = None,
+) -> list[int]:
+    """Stage starts minimising the largest stage cost, stage k's being its calls' costs
+    times `scales[k]`, starts only where `legal`, each stage's `memory` under
+    `memory_limit`. Exact, by dynamic programming over (stage, end): O(stages x calls^2)."""
+    n, parts = len(costs), len(scales)
+    cost = np.concatenate([[0.0], np.cumsum(costs)])
+    used = np.concatenate([[0.0], np.cumsum(memory if memory is not None else np.zeros(n))])
+    cap = memory_limit if memory_limit is not None else math.inf
+    best = np.full((parts, n + 1), math.inf)  # best[k, j]: calls [0, j) in stages 0..k
+    start = np.zeros((parts, n + 1), int)
+    best[0, 1:] = np.where(used[1:] <= cap, scales[0] * cost[1:], math.inf)
+    for k in range(1, parts):
+        for j in range(k + 1, n + 1):
+            i = np.arange(k, j)
+            value = np.maximum(best[k - 1, i], scales[k] * (cost[j] - cost[i]))
+            value[~legal[i] | (used[j] - used[i] > cap)] = math.inf
+            best[k, j], start[k, j] = value.min(), i[value.argmin()]
+    if not math.isfinite(best[-1, n]):
+        raise ConfigError(f"No split into {parts} stages keeps every stage under memory_limit={memory_limit}.")
+    found, j = [], n
+    for k in range(parts - 1, 0, -1):
+        j = int(start[k, j])
+        found.append(j)
+    return [0] + found[::-1]
 
 
 def balanced_cuts(

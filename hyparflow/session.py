@@ -8,13 +8,14 @@ for all to follow, places replicas x stages on the ranks, and forms the grid's g
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any
 
 import numpy as np
 
 from hyparflow import keras_compat, memory, placement
-from hyparflow.checkpoint import gather_stages, release_other_stages
+from hyparflow.checkpoint import gather_stages, release_other_stages, scatter_stages
 from hyparflow.errors import ConfigError
 from hyparflow.executor import Executor
 from hyparflow.failures import phase, state
@@ -115,16 +116,19 @@ class Session:
                 graph.fingerprint,
                 "every rank must build the same model (same layers, connections and weight shapes).",
             )
-            starts: list[int] | ConfigError | None = None
+            planned: Plan | ConfigError | None = None
             if transport.rank == 0:
                 try:
-                    starts = make_plan(model, self.P, balance, memory_limit, microbatch_size).starts
+                    planned = make_plan(model, self.P, balance, memory_limit, microbatch_size)
                 except ConfigError as e:
-                    starts = e
-            starts = transport.bcast(starts, root=0)
-            if isinstance(starts, ConfigError):
-                raise ConfigError(str(starts))
-            self.plan = Plan(graph, starts, balance if isinstance(balance, str) else "explicit")
+                    planned = e
+            found = transport.bcast((planned.starts, planned.balance) if isinstance(planned, Plan) else planned)
+            if isinstance(found, ConfigError):
+                raise ConfigError(str(found))
+            self.plan = Plan(graph, found[0], found[1])
+            if isinstance(planned, Plan):  # rank 0 keeps the cost model, for `rebalance`
+                self.plan.call_costs, self.plan.call_memory = planned.call_costs, planned.call_memory
+            self.memory_limit = memory_limit
             self.check_same_everywhere("plan", self.plan.fingerprint)
         with phase("placement"):
             slots = placement.discover(transport)
@@ -140,6 +144,7 @@ class Session:
         self.with_targets = False
         self.timeline: Timeline | None = None  # recording `fit`'s timeline, when asked to
         self.spread = False  # True after a gather="none" fit: each stage's weights only on its ranks
+        self.rebalanced = False  # True once a fit timed the cuts (`hyparflow.rebalance`)
 
     @property
     def compute(self) -> StageCompute:
@@ -186,12 +191,35 @@ class Session:
         if release is not None and self.transport.rank != 0:
             release_other_stages(self.plan, self.transport, release)
         if build:
-            optimizer = getattr(self.model, "optimizer", None)  # none: predict on an uncompiled model
-            assert self.objective is not None
-            compute = StageCompute(self.plan, self.grid.stage, self.objective, optimizer)
-            self.executor = Executor(compute, self.transport, self.layout.schedule)
+            self._build_stage()
         assert self.executor is not None
         return self.executor
+
+    def _build_stage(self) -> None:
+        optimizer = getattr(self.model, "optimizer", None)  # none: predict on an uncompiled model
+        assert self.objective is not None
+        compute = StageCompute(self.plan, self.grid.stage, self.objective, optimizer)
+        self.executor = Executor(compute, self.transport, self.layout.schedule)
+
+    def recut(self, starts: list[int], hint: str | None) -> None:
+        """Move the cuts to `starts` before the first update (`hyparflow.rebalance`): rank 0
+        gathers every stage's variables, each rank builds its new stage, and rank 0 scatters
+        them as at the start (`hint`: as `start`'s `release`). The old stage's accumulators
+        are freed before rank 0 holds the whole model again."""
+        recompute = self.compute.recompute
+        self.executor = None
+        gc.collect()
+        gather_stages(self.plan, self.transport)
+        old = self.plan
+        self.plan = Plan(old.graph, starts, old.balance)
+        self.plan.call_costs, self.plan.call_memory = old.call_costs, old.call_memory
+        self.check_same_everywhere("plan", self.plan.fingerprint)
+        self.stage = self.plan.stages[self.grid.stage]
+        if hint is not None and self.transport.rank != 0:
+            release_other_stages(self.plan, self.transport, hint)
+        self._build_stage()
+        self.compute.recompute = recompute
+        scatter_stages(self.plan, self.transport, hint, release_root=True)
 
     # ---- batches -------------------------------------------------------------------
     def split(self, idx: np.ndarray) -> list[np.ndarray]:

@@ -180,12 +180,12 @@ class StageCompute:
             and (self.fused or self.recompute)
         )
 
-    def allocate(self, accumulators: bool) -> None:
-        """Make the optimizer's slots, then (`accumulators`) the gradient accumulators,
-        before the first training step that needs them: by then a rank holds only its
-        stage's weights (rank 0 releases the others once it has sent them), and slots
-        made first find room for their making."""
-        if self.optimizer is not None and not getattr(self.optimizer, "built", False):
+    def allocate(self, accumulators: bool, optimizer: bool = True) -> None:
+        """Make the optimizer's slots (unless not `optimizer`: steps that update nothing),
+        then (`accumulators`) the gradient accumulators, before the first training step
+        that needs them: by then a rank holds only its stage's weights (rank 0 releases the
+        others once it has sent them), and slots made first find room for their making."""
+        if optimizer and self.optimizer is not None and not getattr(self.optimizer, "built", False):
             self.optimizer.build(self.variables)
         if accumulators and len(self.acc) != len(self.variables):
             self.acc = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in self.variables]

@@ -14,7 +14,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from hyparflow import checkpoint, inputs, keras_compat, loop, memory
+from hyparflow import checkpoint, inputs, keras_compat, loop, memory, rebalance
 from hyparflow import timeline as timelines
 from hyparflow.callbacks import Callbacks, release_hint
 from hyparflow.checkpoint import gather_stages
@@ -123,6 +123,9 @@ def fit(
     cost of a second forward; results are unchanged (dropout masks and BatchNorm statistics
     included).
 
+    A new session's "time" plan is timed in the pipeline before the first update, and its
+    cuts move where the stages' own times say it pays (`hyparflow.rebalance`).
+
     `batch_size` is the global batch. Each replica's share is cut into
     `num_microbatches` micro-batches; batches that do not divide evenly are split as
     evenly as possible and weighted exactly. Array data is shuffled with `seed`, alike on
@@ -200,11 +203,15 @@ def fit(
         compute = session.compute
         checkpoint.restore_optimizer_state(compute.optimizer, model, compute.variables, opt_state)
     with distributed(transport):
+        with phase("initial weight broadcast"):
+            checkpoint.scatter_stages(session.plan, transport, hint, release_root=True)
+        steps = train.steps * (epochs - initial_epoch)
+        if rebalance.eligible(session, train, steps):
+            with phase("rebalance"):
+                rebalance.rebalance(session, train, initial_epoch, steps, hint)
         recorder = timelines.Timeline.start(session, trace_path) if trace_path is not None else None
     cbs = Callbacks(session, callbacks, _verbose(verbose, transport.rank), "train", epochs, train.steps)
     with distributed(transport):
-        with phase("initial weight broadcast"):
-            checkpoint.scatter_stages(session.plan, transport, hint, release_root=True)
         model.stop_training = False
         cbs.call("on_train_begin")
         logs: dict[str, float] | None = None

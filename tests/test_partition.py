@@ -14,7 +14,7 @@ from stagewise import check_transparent
 import hyparflow as hf
 from hyparflow.graph import ModelGraph
 from hyparflow.models import run_deep
-from hyparflow.partition import balanced_cuts
+from hyparflow.partition import balanced_cuts, scaled_cuts
 
 
 def max_parts(model) -> int:
@@ -101,23 +101,31 @@ def test_balance_uniform_within_one_layer_of_ideal():
 
 
 def test_balanced_cuts_is_optimal_against_brute_force():
-    """Optimal over every legal split, with some stage starts ruled out (`uncuttable`)."""
+    """Optimal over every legal split, with some stage starts ruled out (`uncuttable`); and
+    `scaled_cuts` likewise, with each stage's costs scaled by a factor of its own."""
     rng = np.random.default_rng(3)
     import itertools
 
-    for trial in range(60):
+    for trial in range(120):
         n, parts = int(rng.integers(4, 10)), int(rng.integers(2, 4))
         costs = list(rng.uniform(0.1, 5, n))
         uncuttable = set(rng.choice(np.arange(1, n), int(rng.integers(0, n - parts)), replace=False).tolist())
         uncuttable = uncuttable if trial % 2 else set()
-        starts = balanced_cuts(costs, parts, uncuttable=uncuttable)
+        scales = list(rng.uniform(0.5, 2.0, parts)) if trial % 4 > 1 else [1.0] * parts
+        if trial % 4 > 1:
+            legal = np.array([i > 0 and i not in uncuttable for i in range(n)])
+            starts = scaled_cuts(costs, scales, legal)
+        else:
+            starts = balanced_cuts(costs, parts, uncuttable=uncuttable)
         assert len(starts) == parts and not uncuttable & set(starts)
-        got = max(sum(costs[a:b]) for a, b in zip(starts, starts[1:] + [n]))
+
+        def slowest(cuts, costs=costs, scales=scales, n=n):
+            return max(k * sum(costs[a:b]) for k, a, b in zip(scales, cuts, cuts[1:] + (n,)))
+
         best = min(
-            max(sum(costs[a:b]) for a, b in zip((0,) + cut, cut + (n,)))
-            for cut in itertools.combinations(sorted(set(range(1, n)) - uncuttable), parts - 1)
+            slowest((0,) + cut) for cut in itertools.combinations(sorted(set(range(1, n)) - uncuttable), parts - 1)
         )
-        assert got == pytest.approx(best, rel=1e-6)
+        assert slowest(tuple(starts)) == pytest.approx(best, rel=1e-6)
     assert len(balanced_cuts([1.0] * 4, 3, uncuttable={1, 2})) == 3  # too few others: the executor checks
 
 
