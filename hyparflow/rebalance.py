@@ -35,8 +35,8 @@ MIN_GAIN = 0.03  # of the slowest stage: below this, a predicted gain is within 
 ROUNDS = 3  # timed cuts at most
 
 
-def eligible(session, source, steps: int) -> bool:
-    """Whether a fit of `steps` steps from `source` rebalances its new session: a "time"
+def eligible(session, source, epochs: int) -> bool:
+    """Whether a fit of `epochs` epochs of `source` rebalances its new session: a "time"
     plan with micro-batches to pipeline, array data (a stream's first batches cannot be
     read twice), a fresh optimizer (moved layers carry no slots), and cuts that can move
     without a whole-model pass on the ranks (no masks, no layer called on two stages)."""
@@ -46,8 +46,8 @@ def eligible(session, source, steps: int) -> bool:
         and session.plan.balance == "time"
         and session.P > 1
         and session.M > 1
-        and steps >= MIN_STEPS
         and isinstance(source, ArraySource)
+        and source.steps * epochs >= MIN_STEPS
         and optimizer is not None
         and not getattr(optimizer, "built", False)
         and not session.compute.loss_scaled

@@ -205,10 +205,9 @@ def fit(
     with distributed(transport):
         with phase("initial weight broadcast"):
             checkpoint.scatter_stages(session.plan, transport, hint, release_root=True)
-        steps = train.steps * (epochs - initial_epoch)
-        if rebalance.eligible(session, train, steps):
+        if rebalance.eligible(session, train, epochs - initial_epoch):
             with phase("rebalance"):
-                rebalance.rebalance(session, train, initial_epoch, steps, hint)
+                rebalance.rebalance(session, train, initial_epoch, train.steps * (epochs - initial_epoch), hint)
         recorder = timelines.Timeline.start(session, trace_path) if trace_path is not None else None
     cbs = Callbacks(session, callbacks, _verbose(verbose, transport.rank), "train", epochs, train.steps)
     with distributed(transport):
