@@ -435,10 +435,7 @@ def recut(
     n = len(costs)
     bounds = list(zip(starts, list(starts[1:]) + [n]))
     scales = [t / max(sum(costs[a:b]), 1e-30) for (a, b), t in zip(bounds, seconds)]
-    legal = np.array([i > 0 and i not in uncuttable for i in range(n)])
-    if not all(legal[list(starts[1:])]):
-        legal = np.arange(n) > 0
-    found = scaled_cuts(costs, scales, legal, memory, memory_limit)
+    found = scaled_cuts(costs, scales, np.array(_legal_starts(n, len(starts), uncuttable)), memory, memory_limit)
     ends = zip(found, found[1:] + [n])
     return found, max(k * sum(costs[a:b]) for k, (a, b) in zip(scales, ends))
 
@@ -475,6 +472,13 @@ def scaled_cuts(
     return [0] + found[::-1]
 
 
+def _legal_starts(n: int, parts: int, uncuttable: Collection[int]) -> list[bool]:
+    """Where a stage may start: after the first call, not at an `uncuttable` one, unless too
+    few others are left for `parts` stages (the executor then checks what is sent)."""
+    legal = [i > 0 and i not in uncuttable for i in range(n)]
+    return legal if sum(legal) >= parts - 1 else [i > 0 for i in range(n)]
+
+
 def balanced_cuts(
     costs: list[float],
     parts: int,
@@ -500,9 +504,7 @@ def balanced_cuts(
             "bytes).",
         )
 
-    legal = [i > 0 and i not in uncuttable for i in range(n)]
-    if sum(legal) < parts - 1:
-        legal = [i > 0 for i in range(n)]
+    legal = _legal_starts(n, parts, uncuttable)
 
     def greedy(limit: float) -> list[int] | None:
         starts, acc, used = [0], 0.0, 0.0
