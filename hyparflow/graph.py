@@ -426,15 +426,21 @@ class ModelGraph:
         the "time" cost model was measured on."""
         if self.profiler is None:
             raise RuntimeError("span_times needs the time cost model's profile: set_costs('time') first")
-        return [self.profiler.span_time(a, b) for a, b in spans]
+        return self.profiler.span_times(spans)
 
 
 class Profiler:
-    """Times compiled forward+backward steps of a graph's calls on `batch` samples (best
-    of 5), less the cost of calling an empty compiled function. Per-op costs that do not
-    grow with the data are kept: at small micro-batches they are much of a stage's time.
+    """Times compiled forward+backward steps of a graph's calls on `batch` samples, less
+    the cost of calling an empty compiled function. Per-op costs that do not grow with the
+    data are kept: at small micro-batches they are much of a stage's time.
+
+    The steps are timed in turns, `ROUNDS` rounds over all of them, each keeping its best:
+    a machine whose speed drifts over seconds (a shared host) then favours no step over
+    another. Timed one after another, ResNet-20's 2-stage cut ranged over calls 22-32 of 70.
     The calls run in training mode, so the variables they update (BatchNorm statistics,
-    seeds) are restored after each timing."""
+    seeds) are restored after the timings."""
+
+    ROUNDS = 10
 
     def __init__(self, graph: ModelGraph, batch: int):
         import tensorflow as tf
@@ -442,7 +448,7 @@ class Profiler:
         self.graph, self.batch = graph, batch
         self.values: dict[int, Any] = {}  # every tensor's value, as the calls made it from samples
         self._rng = np.random.default_rng(0)
-        self.empty = self._best_of(tf.function(lambda feeds: feeds), {0: tf.zeros((batch,))})[0]
+        self._empty = (tf.function(lambda feeds: feeds), {0: tf.zeros((batch,))})
 
     def _sample(self, t: TensorInfo):
         import tensorflow as tf
@@ -454,18 +460,8 @@ class Profiler:
             return tf.constant(self._rng.standard_normal(shape), dtype=t.dtype)
         return tf.zeros(shape, dtype=t.dtype)
 
-    @staticmethod
-    def _best_of(fn, feeds) -> tuple[float, Any]:
-        out = fn(feeds)  # traces
-        best = math.inf
-        for _ in range(5):
-            t0 = time.perf_counter()
-            fn(feeds)
-            best = min(best, time.perf_counter() - t0)
-        return best, out
-
-    def _time(self, calls: list[LayerCall]) -> float:
-        """Seconds of one compiled step of `calls` in order; their outputs join `values`."""
+    def _step(self, calls: list[LayerCall]) -> tuple[Any, dict[int, Any]]:
+        """One compiled step of `calls` in order, traced, and its feeds; their outputs join `values`."""
         import tensorflow as tf
 
         made = {i for c in calls for i in c.outputs}
@@ -486,18 +482,31 @@ class Profiler:
             grads = tape.gradient(total, sources, unconnected_gradients="zero") if sources else []
             return {i: values[i] for i in made}, grads
 
-        state = [(v, v.numpy()) for c in calls for v in getattr(c.layer, "non_trainable_variables", ())]
-        seconds, (outs, _) = self._best_of(tf.function(step), feeds)
+        fn = tf.function(step)
+        outs, _ = fn(feeds)
+        self.values.update(outs)
+        return fn, feeds
+
+    def _times(self, spans: Sequence[list[LayerCall]]) -> list[float]:
+        """Seconds of one compiled step of each span of calls, timed in turns."""
+        layers = {id(c.layer): c.layer for calls in spans for c in calls}.values()
+        state = [(v, v.numpy()) for layer in layers for v in getattr(layer, "non_trainable_variables", ())]
+        runs = [self._empty] + [self._step(calls) for calls in spans]
+        best = [math.inf] * len(runs)
+        for _ in range(self.ROUNDS):
+            for k, (fn, feeds) in enumerate(runs):
+                t0 = time.perf_counter()
+                fn(feeds)
+                best[k] = min(best[k], time.perf_counter() - t0)
         for v, value in state:
             v.assign(value)
-        self.values.update(outs)
-        return max(seconds - self.empty, 0.0)
+        return [max(t - best[0], 0.0) for t in best[1:]]
 
     def call_times(self) -> list[float]:
-        return [self._time([c]) for c in self.graph.calls]
+        return self._times([[c] for c in self.graph.calls])
 
-    def span_time(self, a: int, b: int) -> float:
-        return self._time(self.graph.calls[a:b])
+    def span_times(self, spans: Sequence[tuple[int, int]]) -> list[float]:
+        return self._times([self.graph.calls[a:b] for a, b in spans])
 
 
 def run_call(call: LayerCall, values: dict[int, Any], training: bool) -> dict[int, Any]:

@@ -12,7 +12,7 @@ import zoo
 from stagewise import check_transparent
 
 import hyparflow as hf
-from hyparflow.graph import ModelGraph
+from hyparflow.graph import ModelGraph, Profiler
 from hyparflow.models import run_deep
 from hyparflow.partition import balanced_cuts, scaled_cuts
 
@@ -208,6 +208,31 @@ def test_time_balance_splits_the_expensive_layers_that_equal_counts_lump_togethe
     assert equal.starts == [0, n // 2]
     for _ in range(2):
         assert hf.plan(model, 2, balance="time").starts[1] in (2, 3)
+
+
+def test_time_profile_is_fair_to_every_call_on_a_machine_whose_speed_drifts(monkeypatch):
+    """Identical layers cost alike, though the clock runs at half speed for 10 timings out of
+    every 20: each call's repeats timed back to back would all land in one phase, so half
+    the calls would cost twice the others; timed in turns, each call's best is a fast one."""
+    inp = keras.Input((256,))
+    x = inp
+    for _ in range(8):
+        x = keras.layers.Dense(256)(x)
+    graph = ModelGraph(keras.Model(inp, x))
+    real, reads, now = time.perf_counter, [0, None, 0.0], [0.0]
+
+    def drifting() -> float:
+        t = real()
+        if reads[1] is not None:
+            now[0] += (t - reads[1]) * (2.0 if reads[0] // 20 % 2 == 0 else 1.0)
+        reads[0], reads[1] = reads[0] + 1, t
+        return now[0]
+
+    monkeypatch.setattr("hyparflow.graph.time.perf_counter", drifting)
+    costs = Profiler(graph, 64).call_times()
+    assert len(costs) == 8
+    assert min(costs) > 0, costs
+    assert max(costs) / min(costs) < 1.5, costs
 
 
 def test_5000_layer_model_plans_quickly():
