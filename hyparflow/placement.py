@@ -144,10 +144,24 @@ def configure_threads(bind: bool = False) -> int:
     return int(os.environ["TF_NUM_INTRAOP_THREADS"])
 
 
+def own_cores(allowed: Sequence[int], machine: int, local_size: int, local_rank: int) -> tuple[int, ...]:
+    """The cores a rank runs on: those it is bound to, where the launcher (Open MPI binds
+    up to 2 ranks to a core each) or `configure_threads` bound it to fewer than the
+    `machine`'s; else its share of the `allowed` ones, as its threads are counted."""
+    allowed = sorted(allowed)
+    if len(allowed) < machine:
+        return tuple(allowed)
+    return tuple(allowed[c] for c in split_cores(len(allowed), local_size, local_rank))
+
+
 def discover(transport) -> list[Slot]:
     """Every rank's node, host and core share (collective over the transport's world)."""
     leader, host, local_rank, local_size = transport.node_layout()
-    cores = split_cores(node_cores(), local_size, local_rank)
+    try:
+        allowed = os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        allowed = set(range(os.cpu_count() or 1))
+    cores = own_cores(allowed, os.cpu_count() or len(allowed), local_size, local_rank)
     rows = transport.allgather((leader, host, local_rank, cores))
     leaders = sorted({r[0] for r in rows})
     return [
@@ -160,6 +174,8 @@ def describe(slots: Sequence[Slot], assignment: Sequence[tuple[int, int]]) -> st
     """The rank map, one line a rank."""
     lines = [f"{'rank':>4}  {'host':<20} {'node':>4} {'cores':<12} replica stage"]
     for s, (rep, st) in zip(slots, assignment):
-        cores = f"{s.cores[0]}-{s.cores[-1]}" if len(s.cores) > 1 else str(s.cores[0]) if s.cores else "-"
+        cores = ",".join(map(str, s.cores)) or "-"
+        if len(s.cores) > 2 and list(s.cores) == list(range(s.cores[0], s.cores[-1] + 1)):
+            cores = f"{s.cores[0]}-{s.cores[-1]}"
         lines.append(f"{s.rank:>4}  {s.host[:20]:<20} {s.node:>4} {cores:<12} {rep:>7} {st:>5}")
     return "\n".join(lines)

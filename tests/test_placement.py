@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hyparflow.errors import ConfigError
-from hyparflow.placement import Slot, assign, split_cores
+from hyparflow.placement import Slot, assign, describe, own_cores, split_cores
 
 
 def layout(nodes: int, per_node: int, cores: int = 16, interleaved: bool = False) -> list[Slot]:
@@ -60,6 +60,15 @@ def test_core_shares_are_disjoint_and_add_up(cores, ranks):
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
     else:
         assert all(len(s) == 1 for s in shares)  # oversubscribed: one thread each
+
+
+def test_the_rank_map_shows_the_cores_a_rank_is_bound_to():
+    """mpirun -np 2 binds rank 1 to core 1: the map said 0 for both (each saw one core)."""
+    assert [own_cores({r}, 2, 2, r) for r in range(2)] == [(0,), (1,)]
+    assert own_cores({4, 5, 6, 7}, 8, 2, 1) == (4, 5, 6, 7)  # a launcher's 4-core slot
+    assert [own_cores(range(4), 4, 2, r) for r in range(2)] == [(0, 1), (2, 3)]  # unbound: its thread share
+    text = describe([Slot(0, 0, "h", 0, (0, 1, 2, 3)), Slot(1, 0, "h", 1, (2, 3, 6, 7))], [(0, 0), (0, 1)])
+    assert [line.split()[3] for line in text.splitlines()[1:]] == ["0-3", "2,3,6,7"]
 
 
 def test_world_size_must_be_the_grid():
