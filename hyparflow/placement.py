@@ -83,14 +83,19 @@ def split_cores(num_cores: int, local_size: int, local_rank: int) -> tuple[int, 
     return tuple(range(start, start + base + (1 if local_rank < extra else 0)))
 
 
+def allowed_cores() -> list[int]:
+    """The cores this process may run on."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
 def node_cores() -> int:
-    """Cores this process may run on (HYPARFLOW_NODE_CORES overrides)."""
+    """How many cores this process may run on (HYPARFLOW_NODE_CORES overrides)."""
     if os.environ.get("HYPARFLOW_NODE_CORES"):
         return int(os.environ["HYPARFLOW_NODE_CORES"])
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    return len(allowed_cores())
 
 
 def _env_int(names: Sequence[str]) -> int | None:
@@ -129,7 +134,7 @@ def configure_threads(bind: bool = False) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if bind or os.environ.get("HYPARFLOW_BIND") == "1":
         try:
-            allowed = sorted(os.sched_getaffinity(0))
+            allowed = allowed_cores()
             os.sched_setaffinity(0, {allowed[c % len(allowed)] for c in mine})
         except (AttributeError, OSError) as e:
             log.warning("could not bind to cores %s: %s", mine, e)
@@ -157,10 +162,7 @@ def own_cores(allowed: Sequence[int], machine: int, local_size: int, local_rank:
 def discover(transport) -> list[Slot]:
     """Every rank's node, host and core share (collective over the transport's world)."""
     leader, host, local_rank, local_size = transport.node_layout()
-    try:
-        allowed = os.sched_getaffinity(0)
-    except AttributeError:  # not Linux
-        allowed = set(range(os.cpu_count() or 1))
+    allowed = allowed_cores()
     cores = own_cores(allowed, os.cpu_count() or len(allowed), local_size, local_rank)
     rows = transport.allgather((leader, host, local_rank, cores))
     leaders = sorted({r[0] for r in rows})
