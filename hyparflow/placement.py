@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from hyparflow.errors import ConfigError
@@ -149,7 +149,7 @@ def configure_threads(bind: bool = False) -> int:
     return int(os.environ["TF_NUM_INTRAOP_THREADS"])
 
 
-def own_cores(allowed: Sequence[int], machine: int, local_size: int, local_rank: int) -> tuple[int, ...]:
+def own_cores(allowed: Iterable[int], machine: int, local_size: int, local_rank: int) -> tuple[int, ...]:
     """The cores a rank runs on: those it is bound to, where the launcher (Open MPI binds
     up to 2 ranks to a core each) or `configure_threads` bound it to fewer than the
     `machine`'s; else its share of the `allowed` ones, as its threads are counted."""
