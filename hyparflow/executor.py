@@ -1,6 +1,7 @@
 """The executor: walks a stage's schedule for one step, pre-posts every receive, feeds
-the stage, ships its activations forward and its input gradients back, then hands the
-accumulated gradients to the reducer and the optimizer.
+the stage, ships its activations forward and its input gradients back (those as the
+compiled backward hands them over, before it computes the variables' gradients), then hands
+the accumulated gradients to the reducer and the optimizer.
 
 `timers` accumulates seconds of compute, of waiting on peers, and of gradient reduction,
 and the process CPU seconds spent computing (`compute_cpu`: below `compute` when other
@@ -150,6 +151,7 @@ class Executor:
             hand_over=last if self.reducer.needed and not dry else -1,
             update=update,
         )
+        c.outbox = lambda grads: self._send_input_gradients(step.pending, grads)
         for op, m in ops:
             if op == FORWARD:
                 with phase(f"{'forward and backward' if c.fused else 'forward'} (micro-batch {m})"):
@@ -220,10 +222,9 @@ class Executor:
         args = self._inputs(step.fwd_posted, m, mb)
         t0 = _clocks()
         if c.fused:
-            sends, in_grads, loss, per_output = c.forward_backward(
+            sends, _, loss, per_output = c.forward_backward(
                 *args, step.divisors, self._reg_scale(norm, mb), hand_over=m == step.hand_over, update=step.update
             )
-            step.stash[m] = in_grads
         else:
             sends, loss, per_output, step.stash[m] = c.forward(
                 args, step.divisors, self._reg_scale(norm, mb), hand_over=m == step.hand_over, update=step.update
@@ -236,20 +237,21 @@ class Executor:
     def _backward(self, step: _Step, m: int) -> None:
         c = self.compute
         if c.fused:
-            in_grads = step.stash.pop(m)  # computed with the forward
-        else:
-            out_grads = []
-            for t in c.send_float:
-                what = f"gradients of micro-batch {m}"
-                pieces = [self._take(step.bwd_posted, m, t, d, what) for d in c.dests[t]]
-                out_grads.append(
-                    to_tensor(pieces[0]) if len(pieces) == 1 else tf.convert_to_tensor(np.sum(pieces, axis=0))
-                )
-            t0 = _clocks()
-            in_grads = c.backward(step.stash.pop(m), out_grads)
-            self._compute_done("backward", m, t0)
-        for t, g in zip(c.recv_float, in_grads):
-            self._send(step.pending, g, c.src[t], self.tag[t] + 1)
+            return  # it ran with the forward
+        out_grads = []
+        for t in c.send_float:
+            what = f"gradients of micro-batch {m}"
+            pieces = [self._take(step.bwd_posted, m, t, d, what) for d in c.dests[t]]
+            out_grads.append(to_tensor(pieces[0]) if len(pieces) == 1 else tf.convert_to_tensor(np.sum(pieces, axis=0)))
+        t0 = _clocks()
+        c.backward(step.stash.pop(m), out_grads)
+        self._compute_done("backward", m, t0)
+
+    def _send_input_gradients(self, pending: list, grads: list[np.ndarray]) -> None:
+        """Send a backward's input gradients to the stages they came from (`StageCompute.outbox`)."""
+        c = self.compute
+        for t, g in zip(c.recv_float, grads):
+            self._send(pending, g, c.src[t], self.tag[t] + 1)
 
     # ---- forward only -------------------------------------------------------------------
     def infer(self, micro: list[MicroBatch], norm: StepNorm | None) -> tuple[float, np.ndarray, list[list[Any]]]:

@@ -1,10 +1,11 @@
-"""Every access to Keras internals, in one place.
+"""Every access to Keras internals (and TensorFlow's), in one place.
 
 hyparflow needs a few things Keras 3 does not export: the nodes of a functional graph,
 the user's compile() arguments, Keras's own loss/metric resolution and reduction
 helpers, implicit masks, per-layer loss lists, and which nested models simply run
-their functional graph (so that the graph can be expanded in place). A Keras release that moves
-`keras.src` breaks only this module.
+their functional graph (so that the graph can be expanded in place); and of TensorFlow,
+an order between ops of a graph already made. A Keras release that moves `keras.src`
+breaks only this module.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ __all__ = [
     "plain_functional",
     "reduce_weighted_values",
     "regularization_losses",
+    "run_after",
     "one_update_at_a_time",
     "set_keras_mask",
     "squeeze_or_expand_to_same_rank",
@@ -152,6 +154,13 @@ def own_call_losses(layer) -> list[Any]:
     """Losses added during the last call of a layer and its sublayers (activity
     regularizers, add_loss in call)."""
     return [loss for sub in layer._flatten_layers() for loss in sub._get_own_losses()]
+
+
+def run_after(gate, ops) -> None:
+    """Make the graph's `ops` wait for op `gate`: TensorFlow exports no way to order ops
+    that are already made (tf.function's automatic control dependencies do it so)."""
+    for op in ops:
+        op._add_control_input(gate)
 
 
 def optimizer_variables_for(optimizer) -> list[Any]:

@@ -11,7 +11,11 @@ torchgpipe and DeepSpeed do): memory for time. Either way the variables' gradien
 added into the accumulators inside the compiled backward, so a few layers' gradients are
 alive at a time, never the whole stage's beside its accumulators. The step's last
 backward also hands each bucket of finished accumulators to the reducer as it completes
-(`Reducer.post`), so the replicas' allreduce overlaps the rest of the backward. A step with
+(`Reducer.post`), so the replicas' allreduce overlaps the rest of the backward. Every
+backward hands its input gradients to the executor (`outbox`, which sends them) as soon as
+they exist, and only then computes the variables' gradients, which nothing upstream waits
+for: the stage before starts its own backward a weight-gradient's time sooner, as
+zero-bubble pipelines split a backward (Qi et al. 2024), in one compiled call. A step with
 one micro-batch and nothing to reduce needs no accumulators: a backward that is one compiled
 function (fused or recomputed) then runs the optimizer itself (`updates_in_backward`).
 
@@ -46,6 +50,7 @@ from hyparflow.keras_compat import (
     inner_optimizer,
     one_update_at_a_time,
     optimizer_variables_for,
+    run_after,
     sparse_rows_matter,
 )
 from hyparflow.objective import Objective
@@ -107,6 +112,40 @@ def _keep_rows(owner: weakref.ref, i: int, values: np.ndarray, indices: np.ndarr
     return np.int32(i)
 
 
+def _hand_back(owner: weakref.ref, *grads: np.ndarray) -> np.int32:
+    """A backward's input gradients, from inside the compiled backward, to the executor."""
+    me = owner()
+    assert me is not None, "a stage's backward ran after the stage was freed"
+    me.outbox([np.array(g) for g in grads])  # copies: TensorFlow may reuse the memory
+    return np.int32(0)
+
+
+def _after_input_gradients(ops: list[Any], input_grads: list[Any], gate: Any) -> None:
+    """Make the backward's `ops` that the input gradients do not need (the variables'
+    gradients) wait for `gate`, the op that hands the input gradients over. Not those a
+    stateful op or a variable's reader needs (a custom gradient's print or assert):
+    tf.function runs those in the order they were made, so the gate, made last, waits for them."""
+    made = {op for op in ops if op.type != "Placeholder"}  # not the values a backward captures
+    # Through the forward's ops too: a while loop's gradient gives the forward loop new inputs.
+    rest = made - _ancestors([g.op for g in input_grads])
+    free = rest - _ancestors(
+        [op for op in rest if op.op_def.is_stateful or any(x.dtype == tf.resource for x in op.inputs)]
+    )
+    run_after(gate, [op for op in ops if op in free and not any(x.op in free for x in op.inputs)])
+
+
+def _ancestors(ops: list[Any]) -> set[Any]:
+    """`ops` and every op they depend on."""
+    found: set[Any] = set()
+    stack = list(ops)
+    while stack:
+        op = stack.pop()
+        if op not in found:
+            found.add(op)
+            stack += [x.op for x in op.inputs] + list(op.control_inputs)
+    return found
+
+
 def _optimizer_for(optimizer, model, variables):
     """The model's optimizer if it is unbuilt or built for exactly `variables`; else (it was
     built for another layout by an earlier fit) a fresh one carrying its state over."""
@@ -164,6 +203,7 @@ class StageCompute:
         self.state = [v for v in st.variables if not v.trainable]
         self.acc: list[Any] = []  # made by `allocate`
         self.reducer: Any = None  # the executor's `Reducer`
+        self.outbox: Any = None  # the executor's sender of a backward's input gradients (NumPy arrays)
         self._build()
 
     def updates_in_backward(self, num_microbatches: int) -> bool:
@@ -266,12 +306,22 @@ class StageCompute:
 
     def _gradients(self, tape, float_in, d_scaled, scaled, sends, out_grads) -> list[Any]:
         """Gradients of the variables (None for one the stage's outputs do not depend on, as
-        Keras leaves it), then of the float inputs (zeros there), given the float sends' gradients."""
+        Keras leaves it), then of the float inputs (zeros there), given the float sends'
+        gradients. The float inputs' are handed to `outbox` before the variables' are computed."""
         float_out = [s for t, s in zip(self.send_ids, sends) if t in self.send_float]
         targets, seeds = [scaled] + float_out, [d_scaled] + list(out_grads)
+        graph = tf.compat.v1.get_default_graph()
+        first = len(graph.get_operations())
         grads = tape.gradient(targets, self.variables + float_in, output_gradients=seeds)
         n = len(self.variables)
-        return grads[:n] + [tf.zeros_like(x) if g is None else g for g, x in zip(grads[n:], float_in)]
+        in_grads = [tf.zeros_like(x) if g is None else g for g, x in zip(grads[n:], float_in)]
+        if not in_grads:
+            return grads[:n]
+        made = graph.get_operations()[first:]
+        gate = tf.numpy_function(functools.partial(_hand_back, weakref.ref(self)), in_grads, tf.int32)
+        _after_input_gradients(made, in_grads, gate.op)
+        with tf.control_dependencies([gate]):  # so that no backward leaves it out
+            return grads[:n] + [tf.identity(g) for g in in_grads]
 
     def _fused(self, recv_vals, *rest, hand_over: bool = False, update: bool = False):
         tape, float_in, sends, loss, scaled, per_output = self._taped_forward(recv_vals, rest)

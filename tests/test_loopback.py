@@ -212,3 +212,58 @@ def test_model_inputs_are_cast_to_their_input_dtype_before_crossing_a_cut(dtype)
     x = rng.integers(0, 10, (16, 6)) if dtype == "int32" else rng.standard_normal((16, 6))
     result = train_like_keras(build, x, rng.integers(0, 3, 16), num_partitions=2, balance=[1, 3])
     assert result.err < 1e-5, result
+
+
+@pytest.mark.parametrize("stateful", [False, True])
+def test_a_backward_sends_its_input_gradients_before_it_computes_its_weight_gradients(stateful, monkeypatch):
+    """The stage before starts its backward while this one computes its variables'
+    gradients: on a split middle stage and on the fused last one, each backward's send
+    comes before its kernel's gradient is made (each stage holds one logging layer). A
+    stateful op in a weight gradient runs in the order TensorFlow gives it, and trains."""
+    import keras
+    import tensorflow as tf
+
+    from hyparflow.executor import Executor
+
+    events: list[tuple[int | str, str]] = []
+
+    class LoggedDense(keras.layers.Dense):
+        def call(self, x):
+            name = self.name
+
+            @tf.custom_gradient
+            def matmul(x, w):
+                def grad(dy):
+                    dx, dw = tf.matmul(dy, w, transpose_b=True), tf.matmul(x, dy, transpose_a=True)
+                    log = lambda g: events.append((name, "weights")) or g  # noqa: E731
+                    return dx, tf.ensure_shape(tf.numpy_function(log, [dw], dw.dtype, stateful=stateful), dw.shape)
+
+                return tf.matmul(x, w), grad
+
+            return matmul(x, tf.convert_to_tensor(self.kernel)) + self.bias
+
+    def build():
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((12,))
+        x = LoggedDense(16, name="s0")(inp)
+        x = LoggedDense(16, name="s1")(x)
+        model = keras.Model(inp, LoggedDense(3, name="s2")(x))
+        model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    sent = Executor._send_input_gradients
+
+    def logged(self, pending, grads):
+        events.append((self.grid.stage, "sent"))
+        sent(self, pending, grads)
+
+    monkeypatch.setattr(Executor, "_send_input_gradients", logged)
+    models, _ = grid_fit(build, 3, num_partitions=3, num_microbatches=2, balance=[1, 1, 1], gather="all")
+    steps = len(X) // 16
+    expected = ["sent", "weights"] * 2 * steps
+    for stage in (1, 2):
+        mine = [what for who, what in events if who in (stage, f"s{stage}")]
+        assert (sorted(mine) if stateful else mine) == (sorted(expected) if stateful else expected), stage
+    ref = build()
+    ref.fit(X, Y, batch_size=16, shuffle=False, verbose=0)
+    assert max_rel(models[0].get_weights(), ref.get_weights()) < 1e-5

@@ -1,7 +1,8 @@
 """The timeline of `fit(timeline=...)`: under real mpirun (4 ranks, one launch) and on
 loopback ranks, every rank's row, one forward and one backward (or one fused event) per
-micro-batch and step in the schedule's order, no overlaps, causality across stages on the
-merged clock, and the Gantt chart drawn from the file."""
+micro-batch and step in the schedule's order, no overlaps (input gradients are sent from
+inside the backward that made them), causality across stages on the merged clock, and the
+Gantt chart drawn from the file."""
 
 from __future__ import annotations
 
@@ -18,7 +19,16 @@ import hyparflow as hf
 from hyparflow import cli, gantt, loopback
 from hyparflow.schedule import FORWARD, schedule
 
-SEQUENTIAL = ("forward", "backward", "fused", "send", "allreduce", "optimizer", "data", "callback")  # never nest
+SEQUENTIAL = ("forward", "backward", "fused", "allreduce", "optimizer", "data", "callback")  # never nest
+COMPUTE = ("forward", "backward", "fused")
+
+
+def inside(e: dict, outer: dict) -> bool:
+    return outer["ts"] <= e["ts"] and e["ts"] + e["dur"] <= outer["ts"] + outer["dur"] + 0.01
+
+
+def overlap(a: dict, b: dict) -> bool:
+    return a["ts"] < b["ts"] + b["dur"] - 0.01 and b["ts"] < a["ts"] + a["dur"] - 0.01
 
 
 def check_trace(trace: dict, kind: str, P: int, R: int, M: int, steps: int, test_steps: int) -> None:
@@ -46,6 +56,12 @@ def check_trace(trace: dict, kind: str, P: int, R: int, M: int, steps: int, test
         flat = [e for e in mine if e["cat"] in SEQUENTIAL]
         for a, b in zip(flat, flat[1:]):
             assert b["ts"] >= a["ts"] + a["dur"] - 0.01, f"rank {rank}: {a['name']} overlaps {b['name']}"
+        sends = [e for e in mine if e["cat"] == "send"]
+        for a, b in zip(sends, sends[1:]):
+            assert not overlap(a, b), f"rank {rank}: two sends overlap"
+        for e in sends:  # input gradients go from inside the backward that made them
+            around = [c for c in flat if overlap(e, c)]
+            assert not around or (len(around) == 1 and inside(e, around[0]) and around[0]["cat"] in COMPUTE), rank
         fused = stage == P - 1
         expected = [
             ("fused" if fused else "forward", m) if op == FORWARD else ("backward", m)
@@ -53,13 +69,7 @@ def check_trace(trace: dict, kind: str, P: int, R: int, M: int, steps: int, test
             if not (fused and op != FORWARD)
         ]
         for i in range(steps):
-            ops = [
-                e
-                for e in mine
-                if e["cat"] in ("forward", "backward", "fused")
-                and e["args"]["mode"] == "train"
-                and e["args"]["step"] == i
-            ]
+            ops = [e for e in mine if e["cat"] in COMPUTE and e["args"]["mode"] == "train" and e["args"]["step"] == i]
             assert [(e["cat"], e["args"]["micro_batch"]) for e in ops] == expected, f"rank {rank}, step {i}"
             for e in ops:
                 compute[(replica, stage, i, "B" if e["cat"] == "backward" else "F", e["args"]["micro_batch"])] = e
@@ -73,10 +83,18 @@ def check_trace(trace: dict, kind: str, P: int, R: int, M: int, steps: int, test
             assert waits and all(e["args"]["peer"] == ranks_of[(replica, stage - 1)] for e in waits)
     err = info["clock_error_us"]
     for (replica, stage, i, op, m), e in compute.items():
-        if op == "F" and stage + 1 < P:  # activations flow forward...
+        if op == "F" and stage + 1 < P:  # activations flow forward after the forward...
             after, before = compute[(replica, stage + 1, i, "F", m)], e
-        elif op == "B" and stage + 1 < P:  # ...and their gradients back (from a fused event)
-            after, before = e, compute[(replica, stage + 1, i, "B" if stage + 1 < P - 1 else "F", m)]
+        elif op == "B" and stage + 1 < P:  # ...and their gradients back from inside the backward
+            made_in = compute[(replica, stage + 1, i, "B" if stage + 1 < P - 1 else "F", m)]
+            (before,) = [
+                s
+                for s in by_rank[ranks_of[(replica, stage + 1)]]
+                if s["cat"] == "send"
+                and s["name"] == f"send to rank {ranks_of[(replica, stage)]}"
+                and inside(s, made_in)
+            ]
+            after = e
         else:
             continue
         tol = err[ranks_of[(replica, stage)]] + err[ranks_of[(replica, stage + 1)]] + 0.01
