@@ -59,9 +59,11 @@ def check_trace(trace: dict, kind: str, P: int, R: int, M: int, steps: int, test
         sends = [e for e in mine if e["cat"] == "send"]
         for a, b in zip(sends, sends[1:]):
             assert not overlap(a, b), f"rank {rank}: two sends overlap"
-        for e in sends:  # input gradients go from inside the backward that made them
+        for e in sends:  # activations leave after their forward, input gradients inside their backward
             around = [c for c in flat if overlap(e, c)]
-            assert not around or (len(around) == 1 and inside(e, around[0]) and around[0]["cat"] in COMPUTE), rank
+            assert len(around) <= 1, f"rank {rank}: a send overlaps {len(around)} events"
+            if around:
+                assert inside(e, around[0]) and around[0]["cat"] in COMPUTE, f"rank {rank}: {around[0]['name']}"
         fused = stage == P - 1
         expected = [
             ("fused" if fused else "forward", m) if op == FORWARD else ("backward", m)
