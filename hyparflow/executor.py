@@ -222,7 +222,7 @@ class Executor:
         args = self._inputs(step.fwd_posted, m, mb)
         t0 = _clocks()
         if c.fused:
-            sends, _, loss, per_output = c.forward_backward(
+            sends, loss, per_output = c.forward_backward(
                 *args, step.divisors, self._reg_scale(norm, mb), hand_over=m == step.hand_over, update=step.update
             )
         else:

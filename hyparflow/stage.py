@@ -327,7 +327,7 @@ class StageCompute:
         tape, float_in, sends, loss, scaled, per_output = self._taped_forward(recv_vals, rest)
         grads = self._gradients(tape, float_in, tf.ones_like(scaled), scaled, [], [])
         self._take(grads[: len(self.variables)], hand_over, update)
-        return sends, grads[len(self.variables) :], loss, per_output
+        return sends, loss, per_output  # the input gradients left through `outbox`
 
     def _forward_from(self, *args):
         """The training forward, untaped, and the state it started from (for `_recomputed`)."""
@@ -481,15 +481,12 @@ class StageCompute:
             )
         return sends, loss, per_output, (tape, [anchor] + float_in, scaled, sends)
 
-    def backward(self, stash, out_grads) -> list[Any]:
-        """Accumulate the variables' gradients (or, stashed with `update`, apply them);
-        returns the float inputs' gradients."""
+    def backward(self, stash, out_grads) -> None:
+        """Accumulate the variables' gradients (or, stashed with `update`, apply them); the
+        float inputs' gradients leave through `outbox`."""
         if isinstance(stash, _Inputs):
-            in_grads, _ = self.recomputed(
-                *stash.args, stash.state, out_grads, hand_over=stash.hand_over, update=stash.update
-            )
-            return in_grads
+            self.recomputed(*stash.args, stash.state, out_grads, hand_over=stash.hand_over, update=stash.update)
+            return
         tape, sources, scaled, sends = stash
         float_out = [s for t, s in zip(self.send_ids, sends) if t in self.send_float]
-        grads = tape.gradient([scaled] + float_out, sources, output_gradients=[tf.ones_like(scaled)] + list(out_grads))
-        return grads[1:]
+        tape.gradient([scaled] + float_out, sources, output_gradients=[tf.ones_like(scaled)] + list(out_grads))
