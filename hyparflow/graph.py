@@ -448,7 +448,7 @@ class Profiler:
         self.graph, self.batch = graph, batch
         self.values: dict[int, Any] = {}  # every tensor's value, as the calls made it from samples
         self._rng = np.random.default_rng(0)
-        self._empty = (tf.function(lambda feeds: feeds), {0: tf.zeros((batch,))})
+        self._empty = (keras_compat.traced_once(lambda feeds: feeds), {0: tf.zeros((batch,))})
 
     def _sample(self, t: TensorInfo):
         import tensorflow as tf
@@ -482,7 +482,7 @@ class Profiler:
             grads = tape.gradient(total, sources, unconnected_gradients="zero") if sources else []
             return {i: values[i] for i in made}, grads
 
-        fn = tf.function(step)
+        fn = keras_compat.traced_once(step)
         outs, _ = fn(feeds)
         self.values.update(outs)
         return fn, feeds

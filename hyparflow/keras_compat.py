@@ -4,7 +4,8 @@ hyparflow needs a few things Keras 3 does not export: the nodes of a functional 
 the user's compile() arguments, Keras's own loss/metric resolution and reduction
 helpers, implicit masks, per-layer loss lists, and which nested models simply run
 their functional graph (so that the graph can be expanded in place); and of TensorFlow,
-an order between ops of a graph already made. A Keras release that moves `keras.src`
+an order between ops of a graph already made, and no retracing warning for functions
+traced once by design. A Keras release that moves `keras.src`
 breaks only this module.
 """
 
@@ -45,6 +46,7 @@ __all__ = [
     "reduce_weighted_values",
     "regularization_losses",
     "run_after",
+    "traced_once",
     "one_update_at_a_time",
     "set_keras_mask",
     "squeeze_or_expand_to_same_rank",
@@ -161,6 +163,15 @@ def run_after(gate, ops) -> None:
     that are already made (tf.function's automatic control dependencies do it so)."""
     for op in ops:
         op._add_control_input(gate)
+
+
+def traced_once(fn) -> Any:
+    """`tf.function(fn)`, without TensorFlow's warning that calls "triggered tf.function
+    retracing": it counts traces by Python code object, so one closure made per timed
+    piece of a model (each traced once, on purpose) reads to it as a function retraced."""
+    compiled = tf.function(fn)
+    compiled._omit_frequent_tracing_warning = True
+    return compiled
 
 
 def optimizer_variables_for(optimizer) -> list[Any]:
