@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import statistics
@@ -382,8 +381,9 @@ def _parse_configs(text: str) -> list[dict]:
     return out
 
 
-def _run(np_: int, kind: str, args, extra: list[str], env: dict[str, str] | None = None) -> dict:
-    cmd = [sys.executable, "-m", "hyparflow.bench", kind, "--model", args.model, "--batch-size", str(args.batch_size),
+def _run(np_: int, kind: str, args, extra: list[str], env: dict[str, str] | None = None, batch: int = 0) -> dict:
+    cmd = [sys.executable, "-m", "hyparflow.bench", kind, "--model", args.model,
+           "--batch-size", str(batch or args.batch_size),
            "--steps", str(args.steps), "--windows", str(args.windows), "--warmup", str(args.warmup),
            "--epochs", str(args.epochs),
            *(["--balance", args.balance] if args.balance else []), *extra]  # fmt: skip
@@ -395,12 +395,21 @@ def _rank_threads(ranks: int) -> int:
     return len(split_cores(node_cores(), ranks, 0))
 
 
-def _keras_with_threads(threads: int) -> dict[str, Any]:
-    """Plain Keras in one process restricted to `threads` threads: what one pipeline rank gets,
-    so the bubble-bound ideal compares like with like."""
+def _keras_like_a_rank(threads: int, batch: int, args) -> dict[str, Any]:
+    """Plain Keras in one process restricted to `threads` threads, on `batch` samples a step:
+    what one rank of a grid gets (its replica's share of the global batch), so the grid's
+    ideal compares like with like."""
     env = {"TF_NUM_INTRAOP_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": "1"}
-    return {"name": f"{KERAS} with {threads} thread{'s' * (threads > 1)}", "kind": "keras", "np": 1, "extra": [],
-            "threads": threads, "env": {**env, "HYPARFLOW_AUTO_THREADS": ""}}  # fmt: skip
+    name = f"{KERAS} with {threads} thread{'s' * (threads > 1)}" + (
+        f", batch {batch}" if batch != args.batch_size else ""
+    )
+    return {"name": name, "kind": "keras", "np": 1, "extra": [], "threads": threads, "batch": batch,
+            "env": {**env, "HYPARFLOW_AUTO_THREADS": ""}}  # fmt: skip
+
+
+def _like_a_rank(c: dict[str, Any], args) -> tuple[int, int]:
+    """(threads, samples a step) of one rank of grid `c`: its Keras reference."""
+    return _rank_threads(c["P"] * c["R"]), max(args.batch_size // c["R"], 1)
 
 
 def main(args) -> int:
@@ -413,9 +422,8 @@ def main(args) -> int:
         {"name": f"data-parallel baseline ({args.dp_ranks} ranks)", "kind": "dp", "np": args.dp_ranks, "extra": []}
     )
     configs = _parse_configs(args.configs)
-    full = _rank_threads(1)
-    for threads in sorted({_rank_threads(c["P"] * c["R"]) for c in configs if c["P"] > 1} - {full}):
-        variants.append(_keras_with_threads(threads))
+    for threads, batch in sorted({_like_a_rank(c, args) for c in configs} - {(_rank_threads(1), args.batch_size)}):
+        variants.append(_keras_like_a_rank(threads, batch, args))
     for c in configs:
         extra = ["--P", str(c["P"]), "--M", str(c["M"]), "--schedule", c["schedule"]]
         variants.append({"kind": "hyparflow", "np": c["P"] * c["R"], "extra": extra, **c})
@@ -423,18 +431,21 @@ def main(args) -> int:
     for round_ in range(args.repeats):  # alternate variants so drift hits all alike
         for v in variants:
             print(f"[round {round_ + 1}/{args.repeats}] {v['name']} ...", flush=True)
-            runs[v["name"]].append(_run(v["np"], v["kind"], args, v["extra"], v.get("env", {})))
+            runs[v["name"]].append(_run(v["np"], v["kind"], args, v["extra"], v.get("env", {}), v.get("batch", 0)))
     report = _report(variants, runs, args)
     if args.comm_sizes:
         sizes = [s for s in args.comm_sizes.split(",") if s]
         report["comm"] = _run(2, "comm", args, ["--sizes", *sizes])
+    previous = None
+    if args.compare:  # read before this run's JSON is written, which may be the same file
+        with open(args.compare) as f:
+            previous = json.load(f)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(report, f, indent=1)
     _print(report)
-    if args.compare:
-        with open(args.compare) as f:
-            _print_compare(report, json.load(f), args.compare)
+    if previous is not None:
+        _print_compare(report, previous, args.compare)
     _chart(report, os.path.join(args.out, "bench.png"))
     print(f"wrote {args.out}/bench.json and {args.out}/bench.png")
     return 0
@@ -445,11 +456,11 @@ def _report(variants, runs, args) -> dict:
     keras_tp = dp_tp = None
     single_step = None
     throughput = {name: statistics.median(w for r in rs for w in r["throughput"]) for name, rs in runs.items()}
-    # Keras's step time by its threads per process
-    step_with = {v.get("threads", _rank_threads(1)): args.batch_size / throughput[v["name"]] for v in variants
-                 if v["kind"] == "keras"}  # fmt: skip
-    cpu_with = {v.get("threads", _rank_threads(1)): statistics.median(r["cpu_s_per_step"][0] for r in runs[v["name"]])
-                for v in variants if v["kind"] == "keras"}  # fmt: skip
+    # Keras's step time and CPU per step by (threads, samples a step)
+    like = {(v.get("threads", _rank_threads(1)), v.get("batch", args.batch_size)): v["name"] for v in variants
+            if v["kind"] == "keras"}  # fmt: skip
+    step_with = {key: key[1] / throughput[name] for key, name in like.items()}
+    cpu_with = {key: statistics.median(r["cpu_s_per_step"][0] for r in runs[name]) for key, name in like.items()}
     for v in variants:
         samples = [w for r in runs[v["name"]] for w in r["throughput"]]
         tp = throughput[v["name"]]
@@ -468,20 +479,22 @@ def _report(variants, runs, args) -> dict:
             stages = [s for s in runs[v["name"]][-1]["stages"] if s]
             row["stages"] = stages
             row["bubble_bound"] = (P - 1) / (M + P - 1)
+            # The ideal step: Keras's step on one replica's share of the batch, with the threads
+            # one rank gets, split over P stages, plus the fill and drain of (P - 1) micro-batches
+            # (for P=1: R such Kerases side by side, the data-parallel bound). `..._all_cores`:
+            # Keras with every core, which ranks sharing those cores cannot reach.
+            threads, batch = _like_a_rank(v, args)
+            step = args.batch_size / tp
+            ideal = step_with[threads, batch] / P * (M + P - 1) / M
+            row.update(ideal_step_s=ideal, efficiency_vs_bubble_bound=ideal / step, ideal_threads=threads)
+            row["ideal_batch"] = batch
+            timed = args.windows * args.steps
+            slowest = max(s["compute_cpu"] for s in stages) / timed
+            row["work_efficiency"] = cpu_with[threads, batch] / P / slowest
             if P > 1:
                 busy = [s["compute"] / s["wall"] for s in stages if s["wall"] > 0]
                 row["bubble_measured"] = 1 - statistics.mean(busy) if busy else None
-                # The bubble-bound ideal: Keras's step split over P stages, plus the fill and drain
-                # of (P - 1) micro-batches; Keras measured with the threads one rank gets, and
-                # (`..._all_cores`) with every core, which P ranks sharing those cores cannot reach.
-                threads = _rank_threads(P * v["R"])
-                step = args.batch_size / tp
-                ideal = step_with.get(threads, single_step) / P * (M + P - 1) / M
-                row.update(ideal_step_s=ideal, efficiency_vs_bubble_bound=ideal / step, ideal_threads=threads)
-                row["efficiency_vs_bubble_bound_all_cores"] = single_step / P * (M + P - 1) / M / step
-                timed = args.windows * args.steps
-                slowest = max(s["compute_cpu"] for s in stages) / timed
-                row["work_efficiency"] = cpu_with.get(threads, math.nan) / P / slowest
+                row["efficiency_vs_bubble_bound_all_cores"] = single_step / (P * v["R"]) * (M + P - 1) / M / step
         rows.append(row)
     keras_bar = next((r["progress_bar_cost"] for r in rows if r["name"] == variants[0]["name"]), None)
     for row in rows:
@@ -500,6 +513,7 @@ def _call_timings(runs: list[dict]) -> dict:
     return out
 
 
+W = 52  # the variant column: "keras model.fit (1 process) with 1 thread, batch 128"
 CALL_TIMINGS = ("throughput_epochs", "throughput_verbose", "second_fit_startup_s", "second_fit_prestep_s")
 STARTUP_TARGET_S, BAR_COST_MARGIN = 1.0, 0.05
 
@@ -507,7 +521,7 @@ STARTUP_TARGET_S, BAR_COST_MARGIN = 1.0, 0.05
 def _print(report: dict) -> None:
     print(f"\n{report['model']}, global batch {report['batch_size']}, {report['cores']} cores")
     head = (
-        f"{'variant':<40} {'ranks':>5} {'samples/s':>10} {'vs keras':>9} {'vs DP':>7} {'bubble':>14} {'peak MB':>8} "
+        f"{'variant':<{W}} {'ranks':>5} {'samples/s':>10} {'vs keras':>9} {'vs DP':>7} {'bubble':>14} {'peak MB':>8} "
         f"{'CPU ms/step':>11}"
     )
     print(head + "\n" + "-" * len(head))
@@ -515,7 +529,7 @@ def _print(report: dict) -> None:
         bubble = f"{r['bubble_measured']:.2f}/{r['bubble_bound']:.2f}" if r.get("bubble_measured") is not None else "-"
         name = r["name"] + (f" [{r['backend']}]" if r.get("backend") else "")
         print(
-            f"{name[:40]:<40} {r['ranks']:>5} {r['throughput']:>10.1f} {r['vs_keras']:>9.2f} "
+            f"{name[:W]:<{W}} {r['ranks']:>5} {r['throughput']:>10.1f} {r['vs_keras']:>9.2f} "
             f"{r['vs_dp_baseline']:>7.2f} {bubble:>14} {r['peak_mb']:>8.0f} {r['cpu_s_per_step'] * 1000:>11.0f}"
         )
         for s in r.get("stages", []):
@@ -526,14 +540,18 @@ def _print(report: dict) -> None:
                 f"{s['wait'] / wall:.0%}, allreduce {s['allreduce'] / wall:.0%}"
             )
         if r.get("efficiency_vs_bubble_bound") is not None:
+            keras = f"Keras with {r['ideal_threads']} thread(s) on {r['ideal_batch']} samples"
+            if "bubble_measured" not in r:  # no pipeline: the replicas' ideal is Kerases side by side
+                print(f"{'':<6}step time vs ideal: {r['efficiency_vs_bubble_bound']:.2f} ({r['ranks']} x {keras})")
+            else:
+                print(
+                    f"{'':<6}step time vs bubble-bound ideal: {r['efficiency_vs_bubble_bound']:.2f} ({keras}, as "
+                    f"one rank, / P x (M+P-1)/M); {r['efficiency_vs_bubble_bound_all_cores']:.2f} (Keras with all "
+                    f"{report['cores']} cores)"
+                )
             print(
-                f"{'':<6}step time vs bubble-bound ideal: {r['efficiency_vs_bubble_bound']:.2f} (Keras with "
-                f"{r['ideal_threads']} thread(s), as one rank); {r['efficiency_vs_bubble_bound_all_cores']:.2f} "
-                f"(Keras with all {report['cores']} cores)"
-            )
-            print(
-                f"{'':<6}work balance (CPU, free of other processes' load): Keras's CPU per step / P / the slowest "
-                f"stage's compute CPU per step = {r['work_efficiency']:.2f}"
+                f"{'':<6}work balance (CPU, free of other processes' load): that Keras's CPU per step / P / the "
+                f"slowest stage's compute CPU per step = {r['work_efficiency']:.2f}"
             )
     _print_calls(report["rows"])
     for size, c in report.get("comm", {}).items():
@@ -552,15 +570,15 @@ def _print_calls(rows: list[dict]) -> None:
     with the progress bar off and on, and the start-up of a second fit call, against the targets."""
     rows = [r for r in rows if "throughput_epochs" in r]
     head = (
-        f"\n{'whole fit calls':<40} {'steps':>9} {'epochs':>9} {'+bar':>9} {'bar cost':>9} {'2nd fit':>9}"
+        f"\n{'whole fit calls':<{W}} {'steps':>9} {'epochs':>9} {'+bar':>9} {'bar cost':>9} {'2nd fit':>9}"
         f" {'of it':>9}\n"
-        f"{'(samples/s; start-up in s)':<40} {'windows':>9} {'verbose=0':>9} {'verbose=1':>9} {'':>9} {'start-up':>9}"
+        f"{'(samples/s; start-up in s)':<{W}} {'windows':>9} {'verbose=0':>9} {'verbose=1':>9} {'':>9} {'start-up':>9}"
         f" {'pre-step':>9}"
     )
-    print(head + "\n" + "-" * 100)
+    print(head + "\n" + "-" * (W + 60))
     for r in rows:
         print(
-            f"{r['name'][:40]:<40} {r['throughput']:>9.1f} {r['throughput_epochs']:>9.1f} "
+            f"{r['name'][:W]:<{W}} {r['throughput']:>9.1f} {r['throughput_epochs']:>9.1f} "
             f"{r['throughput_verbose']:>9.1f} "
             f"{r['progress_bar_cost']:>9.1%} {r['second_fit_startup_s']:>9.2f} {r['second_fit_prestep_s']:>9.2f}"
         )
@@ -587,18 +605,18 @@ COMPARED = (
 def _print_compare(report: dict, old: dict, label: str) -> None:
     """The new numbers next to a previous run's (`old`, its bench.json), variant by variant."""
     print(f"\ncompared with {label} ({old.get('model')}, global batch {old.get('batch_size')}):")
-    head = f"{'variant':<40} {'measure':<22} {'old':>10} {'new':>10} {'change':>8}"
+    head = f"{'variant':<{W}} {'measure':<22} {'old':>10} {'new':>10} {'change':>8}"
     print(head + "\n" + "-" * len(head))
     before = {r["name"]: r for r in old.get("rows", [])}
     for r in report["rows"]:
         prev = before.get(r["name"])
         if prev is None:
-            print(f"{r['name'][:40]:<40} (not in {label})")
+            print(f"{r['name'][:W]:<{W}} (not in {label})")
             continue
         for key in COMPARED:
             if r.get(key) is not None and prev.get(key) is not None:
                 change = r[key] / prev[key] - 1 if prev[key] else float("nan")
-                print(f"{r['name'][:40]:<40} {key:<22} {prev[key]:>10.3g} {r[key]:>10.3g} {change:>+8.0%}")
+                print(f"{r['name'][:W]:<{W}} {key:<22} {prev[key]:>10.3g} {r[key]:>10.3g} {change:>+8.0%}")
 
 
 def _chart(report: dict, path: str) -> None:

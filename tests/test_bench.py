@@ -24,24 +24,28 @@ def test_bench_reports_every_variant(tmp_path):
     out = hyparflow(
         "bench", "--model", "mlp", "--batch-size", "32", "--steps", "2", "--windows", "2", "--warmup", "1",
         "--repeats", "1",
-        "--configs", "1x1x1,2x1x2:gpipe", "--comm-sizes", "1", "--out", str(tmp_path), "--compare", str(old),
+        "--configs", "1x2x1,2x1x2:gpipe", "--comm-sizes", "1", "--out", str(tmp_path), "--compare", str(old),
         timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     names = [r["name"] for r in report["rows"]]
     assert names[0].startswith("keras model.fit") and names[1].startswith("data-parallel baseline")
-    # Keras again with the threads one rank of the 2-rank pipeline gets (its bubble-bound ideal's reference)
-    share = max(1, (os.cpu_count() or 1) // 2)
-    thread_rows = (
-        [f"keras model.fit (1 process) with {share} thread{'s' * (share > 1)}"] if share < os.cpu_count() else []
-    )
-    assert names[2:] == [*thread_rows, "hyparflow P=1 R=1 M=1 1f1b", "hyparflow P=2 R=1 M=2 gpipe"]
+    # Keras again as one rank of each 2-rank grid: with its threads, on its replica's share of the batch
+    cores = os.cpu_count() or 1
+    share = max(1, cores // 2)
+    like = sorted({(share, 16), (share, 32)} - {(cores, 32)})
+    thread_rows = [
+        f"keras model.fit (1 process) with {t} thread{'s' * (t > 1)}" + (f", batch {b}" if b != 32 else "")
+        for t, b in like
+    ]
+    assert names[2:] == [*thread_rows, "hyparflow P=1 R=2 M=1 1f1b", "hyparflow P=2 R=1 M=2 gpipe"]
     assert report["rows"][1]["backend"] in ("horovod", "mpi4py")
     for row in report["rows"]:
         assert row["throughput"] > 0 and len(row["windows"]) == 2 and row["vs_keras"] > 0 and row["peak_mb"] > 0
         assert row["cpu_s_per_step"] > 0
     keras_row, dp_row, *rest = report["rows"]
+    reference = dict(zip(like, rest)) | {(cores, 32): keras_row}
     hf_rows = rest[len(thread_rows) :]
     for row in [keras_row, *rest]:  # Keras and hyparflow timed as whole calls too
         assert all(row[k] > 0 for k in CALL_TIMINGS), row
@@ -51,15 +55,22 @@ def test_bench_reports_every_variant(tmp_path):
     for row in hf_rows:  # each hyparflow row's bar cost is set against Keras's
         bar_cost = row["progress_bar_cost"] - keras_row["progress_bar_cost"]
         assert row["progress_bar_cost_vs_keras"] == pytest.approx(bar_cost)
-    pipe = hf_rows[1]
+    # Data parallelism's ideal: two Kerases side by side, each on half the batch with one rank's threads
+    dp, pipe = hf_rows
+    half = reference[share, 16]
+    assert dp["ideal_step_s"] == pytest.approx(16 / half["throughput"]) and dp["ideal_batch"] == 16
+    assert dp["efficiency_vs_bubble_bound"] == pytest.approx(16 / half["throughput"] * dp["throughput"] / 32)
+    assert "bubble_measured" not in dp and "efficiency_vs_bubble_bound_all_cores" not in dp
+    slowest = max(s["compute_cpu"] for s in dp["stages"]) / (2 * 2)  # per timed step (2 windows of 2 steps)
+    assert dp["work_efficiency"] == pytest.approx(half["cpu_s_per_step"] / slowest)
     assert pipe["bubble_bound"] == pytest.approx(1 / 3)
-    reference = rest[0] if thread_rows else keras_row
-    ideal = 32 / reference["throughput"] / 2 * 3 / 2  # Keras's step with one rank's threads / P x (M + P - 1) / M
+    whole = reference[share, 32]
+    ideal = 32 / whole["throughput"] / 2 * 3 / 2  # Keras's step with one rank's threads / P x (M + P - 1) / M
     assert pipe["ideal_step_s"] == pytest.approx(ideal) and pipe["ideal_threads"] == share
     assert pipe["efficiency_vs_bubble_bound"] == pytest.approx(ideal * pipe["throughput"] / 32)
     assert all(0 < s["compute_cpu"] for s in pipe["stages"])
     slowest = max(s["compute_cpu"] for s in pipe["stages"]) / (2 * 2)  # per timed step (2 windows of 2 steps)
-    assert pipe["work_efficiency"] == pytest.approx(reference["cpu_s_per_step"] / 2 / slowest)
+    assert pipe["work_efficiency"] == pytest.approx(whole["cpu_s_per_step"] / 2 / slowest)
     assert sorted(s["stage"] for s in pipe["stages"]) == [0, 1]
     assert all(s["compute"] > 0 and s["wall"] > 0 for s in pipe["stages"])
     assert set(report["comm"]["1.0"]) == {
