@@ -513,7 +513,7 @@ def _call_timings(runs: list[dict]) -> dict:
     return out
 
 
-W = 52  # the variant column: "keras model.fit (1 process) with 1 thread, batch 128"
+NAME_WIDTH = 52  # the variant column: "keras model.fit (1 process) with 1 thread, batch 128"
 CALL_TIMINGS = ("throughput_epochs", "throughput_verbose", "second_fit_startup_s", "second_fit_prestep_s")
 STARTUP_TARGET_S, BAR_COST_MARGIN = 1.0, 0.05
 
@@ -521,15 +521,15 @@ STARTUP_TARGET_S, BAR_COST_MARGIN = 1.0, 0.05
 def _print(report: dict) -> None:
     print(f"\n{report['model']}, global batch {report['batch_size']}, {report['cores']} cores")
     head = (
-        f"{'variant':<{W}} {'ranks':>5} {'samples/s':>10} {'vs keras':>9} {'vs DP':>7} {'bubble':>14} {'peak MB':>8} "
-        f"{'CPU ms/step':>11}"
+        f"{'variant':<{NAME_WIDTH}} {'ranks':>5} {'samples/s':>10} {'vs keras':>9} {'vs DP':>7} {'bubble':>14} "
+        f"{'peak MB':>8} {'CPU ms/step':>11}"
     )
     print(head + "\n" + "-" * len(head))
     for r in report["rows"]:
         bubble = f"{r['bubble_measured']:.2f}/{r['bubble_bound']:.2f}" if r.get("bubble_measured") is not None else "-"
         name = r["name"] + (f" [{r['backend']}]" if r.get("backend") else "")
         print(
-            f"{name[:W]:<{W}} {r['ranks']:>5} {r['throughput']:>10.1f} {r['vs_keras']:>9.2f} "
+            f"{name[:NAME_WIDTH]:<{NAME_WIDTH}} {r['ranks']:>5} {r['throughput']:>10.1f} {r['vs_keras']:>9.2f} "
             f"{r['vs_dp_baseline']:>7.2f} {bubble:>14} {r['peak_mb']:>8.0f} {r['cpu_s_per_step'] * 1000:>11.0f}"
         )
         for s in r.get("stages", []):
@@ -570,15 +570,15 @@ def _print_calls(rows: list[dict]) -> None:
     with the progress bar off and on, and the start-up of a second fit call, against the targets."""
     rows = [r for r in rows if "throughput_epochs" in r]
     head = (
-        f"\n{'whole fit calls':<{W}} {'steps':>9} {'epochs':>9} {'+bar':>9} {'bar cost':>9} {'2nd fit':>9}"
+        f"\n{'whole fit calls':<{NAME_WIDTH}} {'steps':>9} {'epochs':>9} {'+bar':>9} {'bar cost':>9} {'2nd fit':>9}"
         f" {'of it':>9}\n"
-        f"{'(samples/s; start-up in s)':<{W}} {'windows':>9} {'verbose=0':>9} {'verbose=1':>9} {'':>9} {'start-up':>9}"
-        f" {'pre-step':>9}"
+        f"{'(samples/s; start-up in s)':<{NAME_WIDTH}} {'windows':>9} {'verbose=0':>9} {'verbose=1':>9} {'':>9}"
+        f" {'start-up':>9} {'pre-step':>9}"
     )
-    print(head + "\n" + "-" * (W + 60))
+    print(head + "\n" + "-" * (NAME_WIDTH + 60))
     for r in rows:
         print(
-            f"{r['name'][:W]:<{W}} {r['throughput']:>9.1f} {r['throughput_epochs']:>9.1f} "
+            f"{r['name'][:NAME_WIDTH]:<{NAME_WIDTH}} {r['throughput']:>9.1f} {r['throughput_epochs']:>9.1f} "
             f"{r['throughput_verbose']:>9.1f} "
             f"{r['progress_bar_cost']:>9.1%} {r['second_fit_startup_s']:>9.2f} {r['second_fit_prestep_s']:>9.2f}"
         )
@@ -605,18 +605,19 @@ COMPARED = (
 def _print_compare(report: dict, old: dict, label: str) -> None:
     """The new numbers next to a previous run's (`old`, its bench.json), variant by variant."""
     print(f"\ncompared with {label} ({old.get('model')}, global batch {old.get('batch_size')}):")
-    head = f"{'variant':<{W}} {'measure':<22} {'old':>10} {'new':>10} {'change':>8}"
+    head = f"{'variant':<{NAME_WIDTH}} {'measure':<22} {'old':>10} {'new':>10} {'change':>8}"
     print(head + "\n" + "-" * len(head))
     before = {r["name"]: r for r in old.get("rows", [])}
     for r in report["rows"]:
         prev = before.get(r["name"])
         if prev is None:
-            print(f"{r['name'][:W]:<{W}} (not in {label})")
+            print(f"{r['name'][:NAME_WIDTH]:<{NAME_WIDTH}} (not in {label})")
             continue
         for key in COMPARED:
             if r.get(key) is not None and prev.get(key) is not None:
                 change = r[key] / prev[key] - 1 if prev[key] else float("nan")
-                print(f"{r['name'][:W]:<{W}} {key:<22} {prev[key]:>10.3g} {r[key]:>10.3g} {change:>+8.0%}")
+                numbers = f"{prev[key]:>10.3g} {r[key]:>10.3g} {change:>+8.0%}"
+                print(f"{r['name'][:NAME_WIDTH]:<{NAME_WIDTH}} {key:<22} {numbers}")
 
 
 def _chart(report: dict, path: str) -> None:
