@@ -14,6 +14,7 @@ import numpy as np
 
 from hyparflow import memory
 from hyparflow.errors import ConfigError
+from hyparflow.failures import explain
 from hyparflow.graph import np_dtype
 from hyparflow.partition import Plan
 from hyparflow.transport import STAGE_STATE_TAG, Transport
@@ -230,7 +231,7 @@ def write_checkpoint(model, path: str, transport: Transport) -> None:
             merged = {k: v for s in states or [] for k, v in s.items()}
             _write(model, path, merged)
         except Exception as e:  # reported on every rank below
-            error = f"{type(e).__name__}: {e}"
+            error = explain(e)
     error = transport.bcast(error, root=0)
     if error:
         raise RuntimeError(f"checkpoint {path} could not be written by rank 0: {error}")

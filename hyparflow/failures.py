@@ -40,6 +40,14 @@ def phase(name: str) -> Iterator[None]:
     state.phase = previous
 
 
+def explain(error: BaseException) -> str:
+    """'Type: message', with the error it was raised while handling, if any: a cleanup
+    that fails after an earlier error (say, MemoryError) otherwise hides that error."""
+    text = f"{type(error).__name__}: {error}"
+    earlier = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return text if earlier is None else f"{text} (raised after {explain(earlier)})"
+
+
 def report(message: str) -> None:
     """Write a failure message on stderr."""
     sys.stderr.write(f"\nhyparflow: {message}\n")

@@ -208,6 +208,24 @@ def build_unallocated(optimizer, variables) -> None:
     global_state.set_global_attribute("uninitialized_variables", pending)
 
 
+@contextlib.contextmanager
+def weights_written_through_disk() -> Iterator[None]:
+    """Make `model.save` write the weights to a file beside the target, not into memory:
+    Keras buffers the whole weights file in memory when the machine's free memory looks
+    large enough, which defeats streaming them one variable at a time."""
+    from keras.src.saving import saving_lib
+
+    enough = getattr(saving_lib, "is_memory_sufficient", None)
+    if enough is None:  # a Keras that always buffers: nothing to turn off
+        yield
+        return
+    saving_lib.is_memory_sufficient = lambda model: False
+    try:
+        yield
+    finally:
+        saving_lib.is_memory_sufficient = enough
+
+
 def loss_elements(loss, y_true, y_pred, sample_weight) -> tuple[Any, Any]:
     """What `Loss.__call__` computes before it reduces: the loss values times the sample
     weight and the mask (as 0/1), broadcast as Keras broadcasts them, and the mask it

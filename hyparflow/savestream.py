@@ -16,6 +16,7 @@ import numpy as np
 
 from hyparflow import keras_compat, memory
 from hyparflow.checkpoint import _keyed, atomic_write
+from hyparflow.failures import explain
 from hyparflow.graph import np_dtype
 
 REQUEST_TAG = 30_060  # world tag of rank 0's requests; the answers come on REQUEST_TAG + 1
@@ -60,7 +61,7 @@ def write(session, path: str) -> None:
         try:
             _write(session, path)
         except Exception as e:  # reported on every rank below
-            error = f"{type(e).__name__}: {e}"
+            error = explain(e)
         finally:
             for h in holders:
                 t.send_array(_encode(None), h, REQUEST_TAG, "the end of checkpoint writing")
@@ -127,7 +128,8 @@ def _write(session, path: str) -> None:
                 keras_compat.set_variable_storage(var, remote("slot", list(key), var, rank))
         model.optimizer = full
     try:
-        atomic_write(path, model.save)
+        with keras_compat.weights_written_through_disk():
+            atomic_write(path, model.save)
     finally:
         model.optimizer = own
         for v, storage in swapped:

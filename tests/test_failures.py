@@ -17,7 +17,7 @@ import zoo
 from conftest import SCRIPTS, mpi_env, mpirun
 
 import hyparflow as hf
-from hyparflow import config
+from hyparflow import config, failures
 
 # Each case once in the suite (35 minutes on 2 cores); HYPARFLOW_FAULT_REPEATS=5 runs each 5 times, as measured once
 REPEATS = int(os.environ.get("HYPARFLOW_FAULT_REPEATS", "1"))
@@ -211,3 +211,17 @@ def test_unpickling_and_unsafe_yaml_are_refused(tmp_path):
     with pytest.raises(hf.ConfigError, match="not valid YAML"):
         config.load(str(path))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_an_error_names_the_error_a_cleanup_raised_it_after():
+    def save():
+        try:
+            raise MemoryError("std::bad_alloc")
+        except MemoryError:
+            raise ValueError("I/O operation on closed file.")  # noqa: B904  (as Keras's cleanup does)
+
+    with pytest.raises(ValueError) as caught:
+        save()
+    want = "ValueError: I/O operation on closed file. (raised after MemoryError: std::bad_alloc)"
+    assert failures.explain(caught.value) == want
+    assert failures.explain(KeyError("k")) == "KeyError: 'k'"

@@ -155,14 +155,16 @@ def test_plan_reports_memory_per_stage():
 @pytest.mark.mpi
 def test_a_model_too_large_for_one_process_trains_on_four(tmp_path):
     """Under the same per-process cap on data memory (RLIMIT_DATA), plain Keras runs out
-    of memory and hyparflow at P=4 trains the model."""
+    of memory and hyparflow at P=4 trains the model and saves it whole."""
     script = [sys.executable, str(SCRIPTS / "memory_cap.py")]
     keras_run = mpirun(1, script + ["keras"], check=False, env=mpi_env())
     # TensorFlow raises the allocation failure as a MemoryError, or, in one of its own threads, aborts with it.
     out_of_memory = "OUT OF MEMORY" in keras_run.stdout or "std::bad_alloc" in keras_run.stderr
     assert keras_run.returncode != 0 and out_of_memory, keras_run.stdout[-2000:] + keras_run.stderr[-2000:]
-    hf_run = mpirun(4, script + ["hyparflow"], env=mpi_env())
+    hf_run = mpirun(4, script + ["hyparflow", str(tmp_path / "big.keras")], env=mpi_env())
     assert "TRAINED" in hf_run.stdout, hf_run.stdout[-2000:]
+    saved = keras.saving.load_model(tmp_path / "big.keras")
+    assert len(saved.layers) == 18 and int(saved.optimizer.iterations.numpy()) == 2
 
 
 @pytest.mark.mpi

@@ -43,24 +43,26 @@ def state(model) -> dict[str, np.ndarray]:
     return {v.path: v.numpy() for v in model.variables if not v.trainable}
 
 
-def assert_same(model, ref) -> None:
+def assert_same(model, ref, tol: float = 0.0) -> None:
+    """Equal weights and state: to the bit (tol=0), or to `tol` where the two ran different kernels."""
     for a, b in zip(model.get_weights(), ref.get_weights()):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
     ours, theirs = state(model), state(ref)
     assert any("seed" in k for k in ours) and any("moving_mean" in k for k in ours)
     for (k, a), b in zip(ours.items(), theirs.values()):
-        np.testing.assert_array_equal(a, b, err_msg=k)
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol, err_msg=k)
 
 
 def test_recompute_equals_plain_keras_with_dropout_and_batchnorm():
-    """One micro-batch, so Keras draws the same masks and statistics: equal to the bit."""
+    """One micro-batch, so Keras draws the same masks and statistics: equal to float tolerance
+    (oneDNN may pick other kernels for a stage's shapes than for the whole model's)."""
     model, history, x, y, traced = train(2, 1, "1f1b", True)
     assert traced > 0, "stage 0 never recomputed its forward"
     ref = cases.compiled("dropout_bn", "adam")
     href = ref.fit(x, y, batch_size=16, shuffle=False, verbose=0)
-    assert_same(model, ref)
-    assert history.history["loss"] == pytest.approx(href.history["loss"], rel=1e-6)
-    assert history.history["accuracy"] == href.history["accuracy"]
+    assert_same(model, ref, tol=1e-5)
+    assert history.history["loss"] == pytest.approx(href.history["loss"], rel=1e-5)
+    assert history.history["accuracy"] == pytest.approx(href.history["accuracy"])
 
 
 def test_recompute_between_later_forwards_changes_nothing():
