@@ -53,6 +53,32 @@ CASES: dict[str, tuple] = {
     "embedding P1 R4 M2 rmsprop": ("shared_embedding", 1, 2, "1f1b", "rmsprop", 48, 16, False, 1),
     "clipvalue embedding P4 M1": ("shared_embedding", 4, 1, "1f1b", "sgd clipvalue=0.01", 48, 16, False, 1),
 }
+# The cases run again under mpirun (tests/test_engine.py): each way ranks talk at least once
+# (float and int activations, multiple outputs, tied and sparse-row gradient reductions, a
+# weight without gradient, clip norms across stages, data parallelism alone, uneven splits,
+# logs). Every case runs on loopback ranks (tests/test_loopback.py), the real engine too.
+UNDER_MPI = [
+    "mlp P4 M1 1f1b sgd",
+    "mlp P2 R2 M2 gpipe adam",
+    "mlp P1 R4 adam",
+    "mlp P4 M4 1f1b adam",
+    "resnet_bn P4 M1 sgd",
+    "densenet P2 R2 M2 adam",
+    "multi_io P4 M4 sample weights adam",
+    "multi_io P1 R4 M2 sgd",
+    "shared P2 R2 M2 adam",
+    "nested P4 M2",
+    "unused P2 R2 M2 adamw",
+    "int_boundary P4 M2",
+    "tied_lm P4 M1",
+    "tied_lm P2 R2 M2",
+    "uneven P2 R2 M4 adam",
+    "history P2 R2 M2 two epochs",
+    "global_clipnorm tied_lm P2 R2 M2",
+    "global_clipnorm embedding P4 M2",
+    "clipnorm embedding P2 R2 M2",
+    "embedding P2 R2 M2 adam",
+]
 # Further hf.fit keywords of some cases.
 FIT_KW: dict[str, dict] = {key: {"recompute": True} for key in CASES if key.startswith("recompute ")}
 

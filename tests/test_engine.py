@@ -6,7 +6,7 @@ import cases
 import pytest
 from conftest import run_script
 
-CASES = list(cases.CASES)  # the same cases run in one process by tests/test_loopback.py
+CASES = cases.UNDER_MPI  # every case of cases.CASES runs in one process in tests/test_loopback.py
 
 
 @pytest.fixture(scope="module")

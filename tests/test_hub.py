@@ -36,7 +36,12 @@ FILL = dict.fromkeys(("vocabulary_size", "vocab_size"), 40) | {
     "shared_expert_intermediate_size": 16,
     "top_k": 1,
 }
-OPTIONAL = {"max_sequence_length": 16, "dropout": 0.0}
+OPTIONAL = {"max_sequence_length": 16, "dropout": 0.0} | {  # Qwen3.5's linear attention: 4096 wide unless told
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 2,
+    "linear_key_head_dim": 8,
+    "linear_value_head_dim": 8,
+}
 
 
 def _required(cls) -> list[str]:
