@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from hyparflow import memory
+from hyparflow import keras_compat, memory
 from hyparflow.errors import ConfigError
 from hyparflow.failures import explain
 from hyparflow.graph import np_dtype
@@ -157,6 +157,13 @@ def atomic_write(path: str, write) -> None:
             os.unlink(tmp)
 
 
+def save_model(model, path: str) -> None:
+    """`model.save(path)`, atomically, its weights written through a file beside `path`:
+    never the whole weights file in memory (see `keras_compat.weights_written_through_disk`)."""
+    with keras_compat.weights_written_through_disk():
+        atomic_write(path, model.save)
+
+
 # ---- optimizer state, independent of the layout ---------------------------------------
 def _keyed(optimizer, model) -> list[tuple[tuple, Any]]:
     """Optimizer variables keyed by (model trainable-variable index, slot name), or
@@ -245,7 +252,7 @@ def _write(model, path: str, state: dict) -> None:
         restore_optimizer_state(full, model, model.trainable_variables, state)
         model.optimizer = full
     try:
-        atomic_write(path, model.save)
+        save_model(model, path)
     finally:
         if full is not None:
             model.optimizer = own

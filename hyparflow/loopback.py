@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from hyparflow.failures import explain
+
 WAIT_TIMEOUT_S = 300.0
 
 
@@ -232,7 +234,7 @@ def run(size: int, fn: Callable[[LoopbackComm], Any]) -> list[Any]:
             results[rank] = fn(LoopbackComm(world, tuple(range(size)), rank))
         except BaseException as e:  # reported after join, with the rank
             errors[rank] = e
-            world.fail(f"rank {rank}: {type(e).__name__}: {e}")
+            world.fail(f"rank {rank}: {explain(e)}")
 
     threads = [threading.Thread(target=target, args=(r,), name=f"loopback-rank-{r}") for r in range(size)]
     for t in threads:

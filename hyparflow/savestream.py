@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from hyparflow import keras_compat, memory
-from hyparflow.checkpoint import _keyed, atomic_write
+from hyparflow.checkpoint import _keyed, save_model
 from hyparflow.failures import explain
 from hyparflow.graph import np_dtype
 
@@ -128,8 +128,7 @@ def _write(session, path: str) -> None:
                 keras_compat.set_variable_storage(var, remote("slot", list(key), var, rank))
         model.optimizer = full
     try:
-        with keras_compat.weights_written_through_disk():
-            atomic_write(path, model.save)
+        save_model(model, path)
     finally:
         model.optimizer = own
         for v, storage in swapped:
