@@ -376,8 +376,10 @@ def _parse_configs(text: str) -> list[dict]:
         if not all(k.startswith("HYPARFLOW_") and v for k, v in env.items()):
             raise ConfigError(f"--configs item {item!r}: settings must read +HYPARFLOW_NAME=value")
         suffix = "".join(f" {k[len('HYPARFLOW_') :].lower()}={v}" for k, v in env.items())
-        name = f"hyparflow P={P} R={R} M={M} {schedule or '1f1b'}{suffix}"
-        out.append({"name": name, "P": P, "R": R, "M": M, "schedule": schedule or "1f1b", "env": env})
+        schedule = schedule or "1f1b"
+        name = f"hyparflow P={P} R={R} M={M} {schedule}{suffix}"
+        v = int(env.get("HYPARFLOW_VIRTUAL_STAGES", 2 if schedule == "interleaved" else 1))
+        out.append({"name": name, "P": P, "R": R, "M": M, "v": v, "schedule": schedule, "env": env})
     return out
 
 
@@ -478,14 +480,15 @@ def _report(variants, runs, args) -> dict:
             P, M = v["P"], v["M"]
             stages = [s for s in runs[v["name"]][-1]["stages"] if s]
             row["stages"] = stages
-            row["bubble_bound"] = (P - 1) / (M + P - 1)
+            fill = (P - 1) / v["v"]  # micro-batch times of fill and drain: interleaving divides them
+            row["bubble_bound"] = fill / (M + fill)
             # The ideal step: Keras's step on one replica's share of the batch, with the threads
-            # one rank gets, split over P stages, plus the fill and drain of (P - 1) micro-batches
+            # one rank gets, split over P stages, plus the fill and drain of (P - 1) / v micro-batches
             # (for P=1: R such Kerases side by side, the data-parallel bound). `..._all_cores`:
             # Keras with every core, which ranks sharing those cores cannot reach.
             threads, batch = _like_a_rank(v, args)
             step = args.batch_size / tp
-            ideal = step_with[threads, batch] / P * (M + P - 1) / M
+            ideal = step_with[threads, batch] / P * (M + fill) / M
             row.update(ideal_step_s=ideal, efficiency_vs_bubble_bound=ideal / step, ideal_threads=threads)
             row["ideal_batch"] = batch
             timed = args.windows * args.steps
@@ -494,7 +497,7 @@ def _report(variants, runs, args) -> dict:
             if P > 1:
                 busy = [s["compute"] / s["wall"] for s in stages if s["wall"] > 0]
                 row["bubble_measured"] = 1 - statistics.mean(busy) if busy else None
-                row["efficiency_vs_bubble_bound_all_cores"] = single_step / (P * v["R"]) * (M + P - 1) / M / step
+                row["efficiency_vs_bubble_bound_all_cores"] = single_step / (P * v["R"]) * (M + fill) / M / step
         rows.append(row)
     keras_bar = next((r["progress_bar_cost"] for r in rows if r["name"] == variants[0]["name"]), None)
     for row in rows:
@@ -546,8 +549,8 @@ def _print(report: dict) -> None:
             else:
                 print(
                     f"{'':<6}step time vs bubble-bound ideal: {r['efficiency_vs_bubble_bound']:.2f} ({keras}, as "
-                    f"one rank, / P x (M+P-1)/M); {r['efficiency_vs_bubble_bound_all_cores']:.2f} (Keras with all "
-                    f"{report['cores']} cores)"
+                    f"one rank, / P x (M+(P-1)/v)/M, v stages a rank); "
+                    f"{r['efficiency_vs_bubble_bound_all_cores']:.2f} (Keras with all {report['cores']} cores)"
                 )
             print(
                 f"{'':<6}work balance (CPU, free of other processes' load): that Keras's CPU per step / P / the "

@@ -90,7 +90,7 @@ def gather_stages(plan: Plan, transport: Transport, to_all: bool = False) -> Non
     grid, me = transport.grid, transport.rank
     assert grid is not None, "gather_stages needs the session's grid"
     for s, stage in enumerate(plan.stages):
-        root = grid.ranks[0][s]
+        root = grid.holder(s)
         variables = stage.variables
         if to_all:
             broadcast_variables(transport, variables, root)
@@ -116,7 +116,7 @@ def scatter_stages(plan: Plan, transport: Transport, hint: str | None, release_r
     staged = {id(v) for st in plan.stages for v in st.variables}
     broadcast_variables(transport, [v for v in plan.graph.model.variables if id(v) not in staged], 0)
     for s, stage in enumerate(plan.stages):
-        holders = sorted({row[s] for row in grid.ranks} - {0})
+        holders = sorted({grid.holder(s, r) for r in range(grid.num_replicas)} - {0})
         if me == 0:
             for dest in holders:
                 _send(transport, stage.variables, dest, STAGE_STATE_TAG + s, f"stage {s} weights from rank 0")
@@ -130,8 +130,7 @@ def release_other_stages(plan: Plan, transport: Transport, hint: str) -> None:
     """Free this rank's copies of the variables of other stages (see `hyparflow.memory`)."""
     grid = transport.grid
     assert grid is not None, "release_other_stages needs the session's grid"
-    where = f"rank {transport.rank} (stage {grid.stage})"
-    memory.release_other_stages(plan.graph.model, plan.stages[grid.stage].variables, where, hint)
+    memory.release_other_stages(plan.graph.model, plan.held(grid.stages).variables, grid.where(), hint)
 
 
 def atomic_write(path: str, write) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import hyparflow
 from hyparflow.errors import ConfigError
+from hyparflow.schedule import SCHEDULES
 
 
 def _info(_args) -> int:
@@ -64,6 +65,7 @@ def _settings(args) -> dict[str, str]:
         "num_replicas": "replicas",
         "num_microbatches": "microbatches",
         "schedule": "schedule",
+        "virtual_stages": "virtual_stages",
         "recompute": "recompute",
     }
     values = {LAYOUT_ENV[key][0]: getattr(args, flag, None) for key, flag in flags.items()}
@@ -144,7 +146,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--partitions", type=int)
     r.add_argument("--replicas", type=int)
     r.add_argument("--microbatches", type=int)
-    r.add_argument("--schedule", choices=("1f1b", "gpipe"))
+    r.add_argument("--schedule", choices=SCHEDULES)
+    r.add_argument("--virtual-stages", type=int, help="stages a rank holds under --schedule interleaved (default 2)")
     r.add_argument(
         "--recompute", action="store_true", default=None, help="recompute each stage's forward in its backward"
     )

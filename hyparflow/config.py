@@ -26,7 +26,8 @@ DEFAULTS: dict[str, Any] = {
     "partitions": 1,
     "replicas": None,  # default: ranks / partitions
     "microbatches": 1,
-    "schedule": "1f1b",
+    "schedule": "1f1b",  # 1f1b | gpipe | interleaved
+    "virtual_stages": None,  # stages a rank holds under interleaved (default 2)
     "balance": None,
     "placement": "pipeline",
     "checkpoint": None,  # {path: ..., every_epochs: 1, keep: 3}

@@ -1,7 +1,9 @@
-"""The executor: walks a stage's schedule for one step, pre-posts every receive, feeds
-the stage, ships its activations forward and its input gradients back (those as the
-compiled backward hands them over, before it computes the variables' gradients), then hands
-the accumulated gradients to the reducer and the optimizer.
+"""The executor: walks a rank's schedule for one step, pre-posts every receive, feeds
+its stages (its chunks: several under an interleaved schedule), ships their activations
+forward and their input gradients back (those as the compiled backward hands them over,
+before it computes the variables' gradients), then hands the accumulated gradients to the
+reducer and the optimizer. Each edge of the plan (a tensor and a stage it goes to) has its
+own pair of tags, so that two chunks of one rank never take each other's messages.
 
 `timers` accumulates seconds of compute, of waiting on peers, and of gradient reduction,
 and the process CPU seconds spent computing (`compute_cpu`: below `compute` when other
@@ -46,11 +48,11 @@ class _Step:
     bwd_posted: dict
     divisors: Any
     parts: np.ndarray
-    hand_over: int  # the micro-batch whose backward is the step's last, when the step reduces; else -1
+    hand_over: tuple[int, int]  # the (chunk, micro-batch) whose backward is the step's last, when it reduces
     update: bool  # the backward runs the optimizer (`StageCompute.updates_in_backward`)
     loss: float = 0.0
     pending: list = field(default_factory=list)  # (buffer, request) of sends in flight
-    stash: dict = field(default_factory=dict)  # micro-batch -> what its backward needs
+    stash: dict = field(default_factory=dict)  # (chunk, micro-batch) -> what its backward needs
 
 
 class Executor:
@@ -61,30 +63,43 @@ class Executor:
         self.grid = transport.grid
         self.reducer = Reducer(transport, compute.loss_scaled, compute.variables, compute.plan.tied)
         compute.reducer = self.reducer
-        self.tag = {t: 2 * i for i, t in enumerate(compute.plan.boundary)}
+        edges = [(t, d) for st in compute.plan.stages for t, d in st.send]
+        self.tag = {edge: 2 * i for i, edge in enumerate(edges)}  # +1: the edge's gradient
+        self.at = self.grid.position  # a stage's rank in this replica's pipeline
+        held = compute.plan.held(compute.stages)
+        # Per chunk: where its model inputs and outputs sit in a micro-batch's (the rank's).
+        self.picks = [
+            ([held.data_inputs.index(i) for i in ch.stage.data_inputs],
+             [held.model_outputs.index(o) for o in ch.stage.model_outputs])
+            for ch in compute.chunks
+        ]  # fmt: skip
         self.timers = {"compute": 0.0, "compute_cpu": 0.0, "wait": 0.0, "allreduce": 0.0}
         self.timeline: Timeline | None = None
 
     # ---- transfers ------------------------------------------------------------------
-    def _post_recvs(
-        self, sizes: Sequence[int], tensors: list[int], peers: Callable[[int], list[int]], offset: int
-    ) -> dict:
-        """Pre-post receives for every micro-batch: {(m, t, peer): (buffer, request)}."""
+    def _post_recvs(self, sizes: Sequence[int], edges: Callable[[Any], list[tuple[int, int, int]]], offset: int):
+        """Pre-post receives for every micro-batch of every chunk, in the order of
+        (chunk, micro-batch) their sends are made in: {(chunk, m, t, peer stage): (buffer,
+        request)}. `edges(chunk)` lists (tensor, peer stage, the edge's stage it goes to)."""
         info = self.compute.plan.graph.tensors
         posted = {}
-        for m, n in enumerate(sizes):
-            for t in tensors:
-                for peer in peers(t):
+        for k, ch in enumerate(self.compute.chunks):
+            for m, n in enumerate(sizes):
+                for t, peer, dest in edges(ch):
                     buf = aligned_empty((n,) + tuple(info[t].shape), np_dtype(info[t].dtype))
-                    posted[(m, t, peer)] = (buf, self.transport.irecv(buf, peer, self.tag[t] + offset))
+                    request = self.transport.irecv(buf, self.at(peer), self.tag[(t, dest)] + offset)
+                    posted[(k, m, t, peer)] = (buf, request)
         return posted
 
-    def _take(self, posted: dict, m: int, t: int, peer: int, what: str) -> np.ndarray:
-        buf, req = posted.pop((m, t, peer))
+    def _take(self, posted: dict, key: tuple[int, int, int, int], what: str) -> np.ndarray:
+        buf, req = posted.pop(key)
         t0 = time.perf_counter()
-        self.transport.wait([req], what, stage=peer)
+        self.transport.wait([req], what, stage=self.at(key[3]))
         self.timers["wait"] += time.perf_counter() - t0
         return buf
+
+    def _post_activation_recvs(self, sizes: Sequence[int]) -> dict:
+        return self._post_recvs(sizes, lambda ch: [(t, ch.src[t], ch.stage.index) for t in ch.stage.recv], 0)
 
     def _send(self, pending: list, value, dest: int, tag: int) -> None:
         timeline = self.timeline
@@ -94,11 +109,11 @@ class Executor:
         if timeline is not None:
             timeline.add(f"send to rank {self.grid.ranks[self.grid.replica][dest]}", "send", t0)
 
-    def _send_activations(self, pending: list, sends, size: int) -> None:
-        """Send a micro-batch of `size` samples' boundary tensors, each as Keras's symbolic
-        shape and dtype say (the receiver's buffer is made by them)."""
-        info = self.compute.plan.graph.tensors
-        for t, value in zip(self.compute.send_ids, sends):
+    def _send_activations(self, pending: list, chunk: int, sends, size: int) -> None:
+        """Send a chunk's micro-batch of `size` samples' boundary tensors, each as Keras's
+        symbolic shape and dtype say (the receiver's buffer is made by them)."""
+        info, ch = self.compute.plan.graph.tensors, self.compute.chunks[chunk]
+        for t, value in zip(ch.send_ids, sends):
             if value.shape[0] != size:
                 raise ConfigError(
                     f"'{info[t].name}' has {value.shape[0]} rows at run time for a micro-batch of {size} samples: "
@@ -114,16 +129,16 @@ class Executor:
                     "stages are sized and typed by them; choose cuts that keep this tensor inside a stage "
                     "(balance=[...]), or fix the layer's compute_output_shape or dtype."
                 )
-            for d in self.compute.dests[t]:
-                self._send(pending, value, d, self.tag[t])
+            for d in ch.dests[t]:
+                self._send(pending, value, self.at(d), self.tag[(t, d)])
 
-    def _inputs(self, posted: dict, m: int, mb: MicroBatch) -> tuple:
-        c = self.compute
+    def _inputs(self, posted: dict, chunk: int, m: int, mb: MicroBatch) -> tuple:
+        ch, (ins, outs) = self.compute.chunks[chunk], self.picks[chunk]
         what = f"activations of micro-batch {m}"
-        recv_vals = [to_tensor(self._take(posted, m, t, c.src[t], what)) for t in c.stage.recv]
+        recv_vals = [to_tensor(self._take(posted, (chunk, m, t, ch.src[t]), what)) for t in ch.stage.recv]
         convert = tf.convert_to_tensor
-        weights = [None if w is None else convert(w) for w in mb.weights]
-        return recv_vals, [convert(x) for x in mb.inputs], [convert(y) for y in mb.targets], weights
+        weights = [None if (w := mb.weights[o]) is None else convert(w) for o in outs]
+        return recv_vals, [convert(mb.inputs[i]) for i in ins], [convert(mb.targets[o]) for o in outs], weights
 
     @staticmethod
     def _reg_scale(norm: StepNorm, mb: MicroBatch):
@@ -141,24 +156,24 @@ class Executor:
         self.reducer.begin()
         if self.timeline is not None:
             self.timeline.begin_step("train")
-        ops = schedule(self.schedule_kind, self.grid.num_partitions, self.grid.stage, len(micro))
-        last = [m for op, m in ops if op == (FORWARD if c.fused else BACKWARD)][-1]
+        ops = self._ops(len(micro))
+        last = [(k, m) for op, k, m in ops if op == (FORWARD if c.chunks[k].fused else BACKWARD)][-1]
         step = _Step(
-            fwd_posted=self._post_recvs(sizes, c.stage.recv, lambda t: [c.src[t]], 0),
-            bwd_posted=self._post_recvs(sizes, c.send_float, lambda t: c.dests[t], 1),
+            fwd_posted=self._post_activation_recvs(sizes),
+            bwd_posted=self._post_recvs(sizes, lambda ch: [(t, d, d) for t in ch.send_float for d in ch.dests[t]], 1),
             divisors=tf.constant(norm.divisors, tf.float32),
             parts=np.zeros(len(c.plan.graph.output_names)),
-            hand_over=last if self.reducer.needed and not dry else -1,
+            hand_over=last if self.reducer.needed and not dry else (-1, -1),
             update=update,
         )
-        c.outbox = lambda grads: self._send_input_gradients(step.pending, grads)
-        for op, m in ops:
+        c.outbox = lambda k, grads: self._send_input_gradients(step.pending, k, grads)
+        for op, k, m in ops:
             if op == FORWARD:
-                with phase(f"{'forward and backward' if c.fused else 'forward'} (micro-batch {m})"):
-                    self._forward(step, m, micro[m], norm)
+                with phase(f"{'forward and backward' if c.chunks[k].fused else 'forward'} ({self._of(k, m)})"):
+                    self._forward(step, k, m, micro[m], norm)
             else:
-                with phase(f"backward (micro-batch {m})"):
-                    self._backward(step, m)
+                with phase(f"backward ({self._of(k, m)})"):
+                    self._backward(step, k, m)
         with phase("sends to neighbouring stages"):
             self.transport.wait([r for _, r in step.pending], "sends to neighbouring stages")
         if not update and not dry:
@@ -166,6 +181,14 @@ class Executor:
         if self.timeline is not None:
             self.timeline.end_step()
         return step.loss, step.parts
+
+    def _ops(self, num_micro: int) -> list:
+        g = self.grid
+        return schedule(self.schedule_kind, g.num_partitions, g.stage, num_micro, len(self.compute.chunks))
+
+    def _of(self, chunk: int, m: int) -> str:
+        """'micro-batch 3', or with several chunks 'micro-batch 3 on stage 5'."""
+        return f"micro-batch {m}" + (f" on stage {self.compute.stages[chunk]}" if len(self.compute.chunks) > 1 else "")
 
     def _update(self) -> None:
         c = self.compute
@@ -209,76 +232,84 @@ class Executor:
         """The block recorded as one timeline event, when a timeline records."""
         return self.timeline.span(name, cat) if self.timeline is not None else contextlib.nullcontext()
 
-    def _compute_done(self, cat: str, m: int, start: tuple[float, float]) -> None:
-        """Count compute since `start` (`_clocks()`), and record it as micro-batch `m`'s `cat` event."""
+    def _compute_done(self, cat: str, chunk: int, m: int, start: tuple[float, float]) -> None:
+        """Count compute since `start` (`_clocks()`), and record it as the `cat` event of
+        micro-batch `m` on `chunk`."""
         t1, cpu1 = _clocks()
         self.timers["compute"] += t1 - start[0]
         self.timers["compute_cpu"] += cpu1 - start[1]
         if self.timeline is not None:
-            self.timeline.add(f"{_COMPUTE_NAMES[cat]} {m}", cat, start[0], t1, {"micro_batch": m})
+            args = {"micro_batch": m, "stage": self.compute.stages[chunk]}
+            name = f"{_COMPUTE_NAMES[cat]} {m}" + (f" {'abcdefgh'[chunk]}" if len(self.compute.chunks) > 1 else "")
+            self.timeline.add(name, cat, start[0], t1, args)
 
-    def _forward(self, step: _Step, m: int, mb: MicroBatch, norm: StepNorm) -> None:
-        c = self.compute
-        args = self._inputs(step.fwd_posted, m, mb)
+    def _forward(self, step: _Step, k: int, m: int, mb: MicroBatch, norm: StepNorm) -> None:
+        c, fused = self.compute, self.compute.chunks[k].fused
+        args = self._inputs(step.fwd_posted, k, m, mb)
         t0 = _clocks()
-        if c.fused:
+        last = (k, m) == step.hand_over
+        if fused:
             sends, loss, per_output = c.forward_backward(
-                *args, step.divisors, self._reg_scale(norm, mb), hand_over=m == step.hand_over, update=step.update
+                *args, step.divisors, self._reg_scale(norm, mb), chunk=k, hand_over=last, update=step.update
             )
         else:
-            sends, loss, per_output, step.stash[m] = c.forward(
-                args, step.divisors, self._reg_scale(norm, mb), hand_over=m == step.hand_over, update=step.update
+            sends, loss, per_output, step.stash[(k, m)] = c.forward(
+                k, args, step.divisors, self._reg_scale(norm, mb), hand_over=last, update=step.update
             )
-        self._compute_done("fused" if c.fused else "forward", m, t0)
+        self._compute_done("fused" if fused else "forward", k, m, t0)
         step.loss += float(loss)
-        step.parts[c.stage.model_outputs] += [float(p) for p in per_output]
-        self._send_activations(step.pending, sends, mb.size)
+        step.parts[c.chunks[k].stage.model_outputs] += [float(p) for p in per_output]
+        self._send_activations(step.pending, k, sends, mb.size)
 
-    def _backward(self, step: _Step, m: int) -> None:
-        c = self.compute
-        if c.fused:
+    def _backward(self, step: _Step, k: int, m: int) -> None:
+        ch = self.compute.chunks[k]
+        if ch.fused:
             return  # it ran with the forward
         out_grads = []
-        for t in c.send_float:
+        for t in ch.send_float:
             what = f"gradients of micro-batch {m}"
-            pieces = [self._take(step.bwd_posted, m, t, d, what) for d in c.dests[t]]
+            pieces = [self._take(step.bwd_posted, (k, m, t, d), what) for d in ch.dests[t]]
             out_grads.append(to_tensor(pieces[0]) if len(pieces) == 1 else tf.convert_to_tensor(np.sum(pieces, axis=0)))
         t0 = _clocks()
-        c.backward(step.stash.pop(m), out_grads)
-        self._compute_done("backward", m, t0)
+        self.compute.backward(step.stash.pop((k, m)), out_grads)
+        self._compute_done("backward", k, m, t0)
 
-    def _send_input_gradients(self, pending: list, grads: list[np.ndarray]) -> None:
-        """Send a backward's input gradients to the stages they came from (`StageCompute.outbox`)."""
-        c = self.compute
-        for t, g in zip(c.recv_float, grads):
-            self._send(pending, g, c.src[t], self.tag[t] + 1)
+    def _send_input_gradients(self, pending: list, chunk: int, grads: list[np.ndarray]) -> None:
+        """Send a chunk's input gradients to the stages they came from (`StageCompute.outbox`)."""
+        ch = self.compute.chunks[chunk]
+        for t, g in zip(ch.recv_float, grads):
+            self._send(pending, g, self.at(ch.src[t]), self.tag[(t, ch.stage.index)] + 1)
 
     # ---- forward only -------------------------------------------------------------------
     def infer(self, micro: list[MicroBatch], norm: StepNorm | None) -> tuple[float, np.ndarray, list[list[Any]]]:
         """Forward passes for evaluate (with `norm`: loss and metrics) or predict (without):
         (loss share, per-output shares, this stage's model outputs per micro-batch)."""
         c = self.compute
-        posted = self._post_recvs([mb.size for mb in micro], c.stage.recv, lambda t: [c.src[t]], 0)
+        posted = self._post_activation_recvs([mb.size for mb in micro])
         pending: list = []
-        loss_total, parts, outputs = 0.0, np.zeros(len(c.plan.graph.output_names)), []
+        loss_total, parts = 0.0, np.zeros(len(c.plan.graph.output_names))
         if self.timeline is not None:
             self.timeline.begin_step("test" if norm is not None else "predict")
         with phase("forward"):
-            for m, mb in enumerate(micro):
-                recv_vals, data_vals, ys, sws = self._inputs(posted, m, mb)
+            outputs: list[list[Any]] = [[] for _ in micro]
+            for op, k, m in self._ops(len(micro)):
+                if op != FORWARD:
+                    continue
+                mb = micro[m]
+                recv_vals, data_vals, ys, sws = self._inputs(posted, k, m, mb)
                 t0 = _clocks()
                 if norm is None:
-                    sends, preds = c.predict(recv_vals, data_vals)
+                    sends, preds = c.predict(recv_vals, data_vals, chunk=k)
                 else:
                     divisors = tf.constant(norm.divisors, tf.float32)
                     sends, loss, per_output, preds = c.infer(
-                        recv_vals, data_vals, ys, sws, divisors, self._reg_scale(norm, mb)
+                        recv_vals, data_vals, ys, sws, divisors, self._reg_scale(norm, mb), chunk=k
                     )
                     loss_total += float(loss)
-                    parts[c.stage.model_outputs] += [float(p) for p in per_output]
-                self._compute_done("forward", m, t0)
-                outputs.append(preds)
-                self._send_activations(pending, sends, mb.size)
+                    parts[c.chunks[k].stage.model_outputs] += [float(p) for p in per_output]
+                self._compute_done("forward", k, m, t0)
+                outputs[m] += preds
+                self._send_activations(pending, k, sends, mb.size)
             self.transport.wait([r for _, r in pending], "sends to neighbouring stages")
         if self.timeline is not None:
             self.timeline.end_step()

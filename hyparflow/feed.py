@@ -50,12 +50,13 @@ class Feed:
         if not any(reading):
             raise ConfigError("No stage reads the model's inputs: the plan has nothing to feed.")
         grid = session.grid
-        world_readers = [rank for row in grid.ranks for s, rank in enumerate(row) if reading[s]]
+        reading = [any(reading[s] for s in grid.stages_at(p)) for p in range(grid.num_partitions)]  # by position
+        world_readers = [rank for row in grid.ranks for p, rank in enumerate(row) if reading[p]]
         return cls(
             transport=session.transport,
             reads=reading[grid.stage],
             leader=reading.index(True),
-            followers=tuple(s for s, r in enumerate(reading) if not r),
+            followers=tuple(p for p, r in enumerate(reading) if not r),
             root=min(world_readers),
             anyone_follows=not all(reading),
             replicas=grid.num_replicas,

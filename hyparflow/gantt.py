@@ -43,6 +43,16 @@ def ranks(trace: dict[str, Any]) -> list[dict[str, int]]:
     return sorted(trace["otherData"]["ranks"], key=lambda r: (r["replica"], r["stage"]))
 
 
+def _stages(row: dict[str, Any]) -> str:
+    """The stages a rank holds ('1', or '1,3' under an interleaved schedule)."""
+    return ",".join(map(str, row.get("stages", [row["stage"]])))
+
+
+def _who(row: dict[str, Any]) -> str:
+    """'   3 (1, 0)': rank (replica, stages)."""
+    return f"{row['rank']:>4} ({row['replica']}, {_stages(row)})"
+
+
 def train_steps(trace: dict[str, Any]) -> dict[int, dict[int, tuple[float, float]]]:
     """{step: {rank: (start, end)}} of the training steps, in microseconds."""
     steps: dict[int, dict[int, tuple[float, float]]] = {}
@@ -138,7 +148,7 @@ def draw(trace: dict[str, Any], png: str, first: int | None = None, last: int | 
                 linewidth=0.8,
             )
     ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([f"replica {r['replica']}, stage {r['stage']}\n(rank {r['rank']})" for r in rows], fontsize=8)
+    ax.set_yticklabels([f"replica {r['replica']}, stage {_stages(r)}\n(rank {r['rank']})" for r in rows], fontsize=8)
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xlim(0, (end - start) * ms)
     ax.set_xlabel("time (ms, one clock for all ranks)")
@@ -168,10 +178,7 @@ def summary(trace: dict[str, Any], first: int | None = None, last: int | None = 
     for row in ranks(trace):
         got = table.get(row["rank"], {})
         got = {**got, "compute": sum(got.get(c, 0.0) for c in COMPUTE)}
-        lines.append(
-            f"{row['rank']:>4} ({row['replica']}, {row['stage']}){'':<14}"
-            + "".join(f"{100 * got.get(c, 0.0):>10.1f}" for c in cols)
-        )
+        lines.append(f"{_who(row):<24}" + "".join(f"{100 * got.get(c, 0.0):>10.1f}" for c in cols))
     return "\n".join(lines)
 
 

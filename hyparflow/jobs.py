@@ -63,6 +63,7 @@ def train_from_config(cfg: dict[str, Any]) -> dict[str, float]:
         epochs=cfg["epochs"],
         steps_per_epoch=cfg["steps_per_epoch"],
         schedule=cfg["schedule"],
+        virtual_stages=cfg["virtual_stages"],
         placement_policy=cfg["placement"],
         validation_data=(xv, yv),
         seed=cfg["seed"],

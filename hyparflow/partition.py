@@ -243,6 +243,21 @@ class Plan:
     def num_partitions(self) -> int:
         return len(self.stages)
 
+    def held(self, stages: Sequence[int]) -> Stage:
+        """What a rank holding `stages` holds, as one stage: their calls, model inputs,
+        model outputs (in the stages' order) and variables (a tied layer's once)."""
+        if len(stages) == 1:
+            return self.stages[stages[0]]
+        parts = [self.stages[s] for s in stages]
+        return Stage(
+            index=-1,
+            calls=[c for st in parts for c in st.calls],
+            tensors=self.graph.tensors,
+            data_inputs=sorted({i for st in parts for i in st.data_inputs}),
+            model_outputs=[o for st in parts for o in st.model_outputs],
+            output_tensors=[t for st in parts for t in st.output_tensors],
+        )
+
     @property
     def fingerprint(self) -> str:
         """Identifies the graph's structure, its weights' shapes and the cuts (not the

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from hyparflow.errors import ConfigError
@@ -172,12 +172,18 @@ def discover(transport) -> list[Slot]:
     ]
 
 
-def describe(slots: Sequence[Slot], assignment: Sequence[tuple[int, int]]) -> str:
-    """The rank map, one line a rank."""
+def describe(
+    slots: Sequence[Slot],
+    assignment: Sequence[tuple[int, int]],
+    stages_at: Callable[[int], Sequence[int]] | None = None,
+) -> str:
+    """The rank map, one line a rank (`stages_at`: the stages a pipeline position holds,
+    where it holds several)."""
     lines = [f"{'rank':>4}  {'host':<20} {'node':>4} {'cores':<12} replica stage"]
     for s, (rep, st) in zip(slots, assignment):
         cores = ",".join(map(str, s.cores)) or "-"
         if len(s.cores) > 2 and list(s.cores) == list(range(s.cores[0], s.cores[-1] + 1)):
             cores = f"{s.cores[0]}-{s.cores[-1]}"
-        lines.append(f"{s.rank:>4}  {s.host[:20]:<20} {s.node:>4} {cores:<12} {rep:>7} {st:>5}")
+        held = ",".join(map(str, stages_at(st))) if stages_at is not None else str(st)
+        lines.append(f"{s.rank:>4}  {s.host[:20]:<20} {s.node:>4} {cores:<12} {rep:>7} {held:>5}")
     return "\n".join(lines)

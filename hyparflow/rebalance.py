@@ -39,12 +39,14 @@ def eligible(session, source, epochs: int) -> bool:
     """Whether a fit of `epochs` epochs of `source` rebalances its new session: a "time"
     plan with micro-batches to pipeline, array data (a stream's first batches cannot be
     read twice), a fresh optimizer (moved layers carry no slots), and cuts that can move
-    without a whole-model pass on the ranks (no masks, no layer called on two stages)."""
+    without a whole-model pass on the ranks (no masks, no layer called on two stages), and
+    one stage a rank (an interleaved rank's time is its stages' together)."""
     graph, optimizer = session.plan.graph, getattr(session.model, "optimizer", None)
     return (
         not session.rebalanced
         and session.plan.balance == "time"
         and session.P > 1
+        and session.layout.virtual_stages == 1
         and session.M > 1
         and isinstance(source, ArraySource)
         and source.steps * epochs >= MIN_STEPS

@@ -55,7 +55,7 @@ def write(session, path: str) -> None:
     """Collective over the session's ranks: rank 0 writes `path` (atomically); the stages'
     replica-0 ranks answer its requests. Any failure is raised on every rank."""
     t, grid = session.transport, session.grid
-    holders = sorted({grid.ranks[0][s] for s in range(session.P)} - {0})
+    holders = sorted(set(grid.ranks[0]) - {0})
     error = None
     if t.rank == 0:
         try:
@@ -93,7 +93,7 @@ def _write(session, path: str) -> None:
     owner: dict[int, int] = {}
     for s, st in enumerate(plan.stages):
         for v in st.variables:
-            owner.setdefault(id(v), grid.ranks[0][s])
+            owner.setdefault(id(v), grid.holder(s))
 
     def remote(kind: str, key: Any, var, rank: int) -> _Remote:
         shape, dtype = [int(d) for d in var.shape], np_dtype(var.dtype)
@@ -119,7 +119,7 @@ def _write(session, path: str) -> None:
         keras_compat.build_unallocated(full, model.trainable_variables)
         local = dict(_keyed(own, model))
         trainable = model.trainable_variables
-        last = grid.ranks[0][session.P - 1]
+        last = grid.ranks[0][-1]
         for key, var in _keyed(full, model):
             if key in local:
                 keras_compat.set_variable_storage(var, keras_compat.variable_storage(local[key]))

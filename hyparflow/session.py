@@ -108,6 +108,11 @@ class Session:
     ):
         self.model, self.layout, self.transport = model, layout, transport
         self.P, self.R, self.M = layout.num_partitions, layout.num_replicas, layout.num_microbatches
+        if memory_limit is not None and layout.virtual_stages > 1:
+            raise ConfigError(
+                "memory_limit bounds one stage a rank; under schedule='interleaved' a rank holds "
+                f"{layout.virtual_stages}: plan with balance=... instead, or use schedule='1f1b'."
+            )
         state.where = ""
         with phase("plan"):
             graph = ModelGraph(model)
@@ -119,7 +124,7 @@ class Session:
             planned: Plan | ConfigError | None = None
             if transport.rank == 0:
                 try:
-                    planned = make_plan(model, self.P, balance, memory_limit, microbatch_size)
+                    planned = make_plan(model, layout.num_stages, balance, memory_limit, microbatch_size)
                 except ConfigError as e:
                     planned = e
             found = transport.bcast((planned.starts, planned.balance) if isinstance(planned, Plan) else planned)
@@ -133,12 +138,13 @@ class Session:
         with phase("placement"):
             slots = placement.discover(transport)
             assignment = placement.assign(slots, self.P, self.R, layout.placement)
-            self.grid = transport.form_grid(assignment, self.P, self.R, [tuple(s) for _, s in self.plan.tied])
+            tied = [tuple(s) for _, s in self.plan.tied]
+            self.grid = transport.form_grid(assignment, self.P, self.R, tied, layout.virtual_stages)
             state.where = self.grid.where()
             if announce and transport.rank == 0:
-                rank_map = placement.describe(slots, assignment)
+                rank_map = placement.describe(slots, assignment, self.grid.stages_at)
                 log.info("rank map (P=%d x R=%d, M=%d, %s):\n%s", self.P, self.R, self.M, layout.schedule, rank_map)
-        self.stage = self.plan.stages[self.grid.stage]
+        self.stage = self.plan.held(self.grid.stages)
         self.executor: Executor | None = None
         self.objective: Objective | None = None
         self.with_targets = False
@@ -198,7 +204,7 @@ class Session:
     def _build_stage(self) -> None:
         optimizer = getattr(self.model, "optimizer", None)  # none: predict on an uncompiled model
         assert self.objective is not None
-        compute = StageCompute(self.plan, self.grid.stage, self.objective, optimizer)
+        compute = StageCompute(self.plan, self.grid.stages, self.objective, optimizer)
         self.executor = Executor(compute, self.transport, self.layout.schedule)
 
     def recut(self, starts: list[int], hint: str | None) -> None:
@@ -214,7 +220,7 @@ class Session:
         self.plan = Plan(old.graph, starts, old.balance)
         self.plan.call_costs, self.plan.call_memory = old.call_costs, old.call_memory
         self.check_same_everywhere("plan", self.plan.fingerprint)
-        self.stage = self.plan.stages[self.grid.stage]
+        self.stage = self.plan.held(self.grid.stages)
         if hint is not None and self.transport.rank != 0:
             release_other_stages(self.plan, self.transport, hint)
         self._build_stage()

@@ -31,6 +31,7 @@ LAYOUT_ENV: dict[str, tuple[str, Any, Callable[[str], Any]]] = {
     "num_replicas": ("HYPARFLOW_REPLICAS", None, int),
     "num_microbatches": ("HYPARFLOW_MICROBATCHES", 1, int),
     "schedule": ("HYPARFLOW_SCHEDULE", "1f1b", str),
+    "virtual_stages": ("HYPARFLOW_VIRTUAL_STAGES", None, int),
     "recompute": ("HYPARFLOW_RECOMPUTE", False, boolean),
 }
 
@@ -76,6 +77,11 @@ class Layout:
     num_microbatches: int
     schedule: str
     placement: str
+    virtual_stages: int = 1  # stages a rank holds: the plan has num_partitions x virtual_stages
+
+    @property
+    def num_stages(self) -> int:
+        return self.num_partitions * self.virtual_stages
 
     @classmethod
     def resolve(
@@ -86,6 +92,7 @@ class Layout:
         num_microbatches: int | None = None,
         schedule: str | None = None,
         placement: str = "pipeline",
+        virtual_stages: int | None = None,
     ) -> Layout:
         P = positive_int("num_partitions", from_env("num_partitions", num_partitions))
         R = from_env("num_replicas", num_replicas)
@@ -98,5 +105,12 @@ class Layout:
         R = positive_int("num_replicas", R)
         M = positive_int("num_microbatches", from_env("num_microbatches", num_microbatches))
         kind = check_schedule(from_env("schedule", schedule))
+        v = from_env("virtual_stages", virtual_stages)
+        if kind == "interleaved":
+            v = positive_int("virtual_stages", 2 if v is None else v, minimum=2, what=" under schedule='interleaved'")
+        elif v not in (None, 1):
+            raise ConfigError(
+                f"virtual_stages={v!r} needs schedule='interleaved' (schedule={kind!r} runs one stage a rank)."
+            )
         check_grid(world_size, P, R, placement)
-        return cls(P, R, M, kind, placement)
+        return cls(P, R, M, kind, placement, v or 1)

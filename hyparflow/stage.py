@@ -1,8 +1,10 @@
-"""One pipeline stage's compute: forward and backward of one micro-batch, gradient
+"""A rank's stage compute: forward and backward of one micro-batch, gradient
 accumulation and the optimizer step, as compiled TensorFlow functions.
 
-A stage declares what it receives (`recv`, from `src[t]`) and sends (`send_ids`, to
-`dests[t]`); it never communicates itself: the executor feeds it and ships its results.
+A rank holds one stage of the plan, or several under an interleaved schedule (its chunks,
+one set of accumulators and one optimizer over them all). A chunk declares what it
+receives (`recv`, from `src[t]`) and sends (`send_ids`, to `dests[t]`); it never
+communicates itself: the executor feeds it and ships its results.
 A stage that sends no float tensor needs no gradient from later stages, so its forward
 and backward run fused in one function; others keep the forward's tape until the
 backward's output gradients arrive, or, with `recompute`, keep only the forward's inputs
@@ -36,7 +38,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import weakref
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import keras
@@ -54,7 +57,7 @@ from hyparflow.keras_compat import (
     sparse_rows_matter,
 )
 from hyparflow.objective import Objective
-from hyparflow.partition import Plan
+from hyparflow.partition import Plan, Stage
 
 
 @dataclass
@@ -75,6 +78,50 @@ class _Inputs:
     state: list[Any]
     hand_over: bool
     update: bool
+    chunk: int
+
+
+@dataclass
+class _Chunk:
+    """One of the plan's stages this rank holds (one, or several under an interleaved
+    schedule): what it receives and sends, and where its variables sit among the rank's."""
+
+    stage: Stage
+    src: dict[int, int]  # received tensor -> the stage it comes from
+    send_ids: list[int]
+    dests: dict[int, list[int]]  # sent tensor -> the stages it goes to
+    recv_float: list[int]
+    send_float: list[int]
+    variables: list[Any]  # trainable
+    index: list[int]  # each variable's position in `StageCompute.variables`
+    state: list[Any]  # non-trainable variables a training forward may change
+    none: list[bool] = field(default_factory=list)  # per variable: its gradient came as None (set by each trace)
+
+    @classmethod
+    def of(cls, plan: Plan, index: int, held: list[Any]) -> _Chunk:
+        st, tensors = plan.stages[index], plan.graph.tensors
+        send_ids = list(dict.fromkeys(t for t, _ in st.send))
+        variables = st.trainable_variables
+        at = {id(v): i for i, v in enumerate(held)}
+        return cls(
+            stage=st,
+            src={t: plan.stage_of_call[tensors[t].producer] for t in st.recv},
+            send_ids=send_ids,
+            dests={t: [d for u, d in st.send if u == t] for t in send_ids},
+            recv_float=[t for t in st.recv if tensors[t].is_float],
+            send_float=[t for t in send_ids if tensors[t].is_float],
+            variables=variables,
+            index=[at[id(v)] for v in variables],
+            # Variables created non-trainable (seed states, BatchNorm statistics). A frozen
+            # layer's weights stay trainable variables and are left out.
+            state=[v for v in st.variables if not v.trainable],
+        )
+
+    @property
+    def fused(self) -> bool:
+        """It sends no float tensor, so needs no gradient from later stages: its forward and
+        backward run as one function."""
+        return not self.send_float
 
 
 @dataclass
@@ -112,11 +159,11 @@ def _keep_rows(owner: weakref.ref, i: int, values: np.ndarray, indices: np.ndarr
     return np.int32(i)
 
 
-def _hand_back(owner: weakref.ref, *grads: np.ndarray) -> np.int32:
+def _hand_back(owner: weakref.ref, chunk: int, *grads: np.ndarray) -> np.int32:
     """A backward's input gradients, from inside the compiled backward, to the executor."""
     me = owner()
     assert me is not None, "a stage's backward ran after the stage was freed"
-    me.outbox([np.array(g) for g in grads])  # copies: TensorFlow may reuse the memory
+    me.outbox(chunk, [np.array(g) for g in grads])  # copies: TensorFlow may reuse the memory
     return np.int32(0)
 
 
@@ -162,18 +209,15 @@ def _optimizer_for(optimizer, model, variables):
 
 
 class StageCompute:
-    """The compiled pieces of stage `index` of `plan` (see the module docstring)."""
+    """The compiled pieces of a rank's `stages` of `plan` (see the module docstring): each
+    stage's forward and backward (its chunk), and one set of accumulators and optimizer
+    over the variables of them all (a layer called on two of them counts once)."""
 
-    def __init__(self, plan: Plan, index: int, objective: Objective, optimizer):
+    def __init__(self, plan: Plan, stages: Sequence[int], objective: Objective, optimizer):
         self.plan, self.objective = plan, objective
-        self.stage = st = plan.stages[index]
-        tensors = plan.graph.tensors
-        self.src = {t: plan.stage_of_call[tensors[t].producer] for t in st.recv}
-        self.send_ids = list(dict.fromkeys(t for t, _ in st.send))
-        self.dests = {t: [d for u, d in st.send if u == t] for t in self.send_ids}
-        self.recv_float = [t for t in st.recv if tensors[t].is_float]
-        self.send_float = [t for t in self.send_ids if tensors[t].is_float]
-        self.variables = st.trainable_variables
+        self.stages = tuple(stages)
+        self.variables = list({id(v): v for s in stages for v in plan.stages[s].trainable_variables}.values())
+        self.chunks = [_Chunk.of(plan, s, self.variables) for s in stages]
         self.optimizer = _optimizer_for(optimizer, plan.graph.model, self.variables)
         self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         # global_clipnorm is applied outside the optimizer: the executor sums the stages'
@@ -186,24 +230,16 @@ class StageCompute:
                     "stages; use num_microbatches, or clipnorm (per variable)."
                 )
             self.clip = None  # the optimizer clips its averaged gradients at its update steps
-        first = {id(v): min(stages) for v, stages in plan.tied}
-        self.counted = [first.get(id(v), index) == index for v in self.variables]
-        # Per variable: its gradient came as None, so it is not updated, as Keras's optimizer
-        # skips it (a tied one takes the other holders' gradient; a stage with no gradient at
-        # all applies zeros). Set by each trace of a backward, alike at every trace.
-        self.unused = [False] * len(self.variables)
+        first = {id(v): min(holders) for v, holders in plan.tied}
+        self.counted = [first.get(id(v), self.stages[0]) in self.stages for v in self.variables]
         self.tied = {i for i, v in enumerate(self.variables) if id(v) in first}
         self.keep_rows = bool(self.variables) and self.optimizer is not None and sparse_rows_matter(self.optimizer)
         self.rows: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # the step's sparse gradients
-        self.fused = not self.send_float
-        # Set by each fit call; meaningless for a fused stage: its backward follows its forward at once.
+        # Set by each fit call; meaningless for a fused chunk: its backward follows its forward at once.
         self.recompute = False
-        # What a training forward may change (seed states, BatchNorm statistics): variables
-        # created non-trainable. A frozen layer's weights stay trainable variables and are left out.
-        self.state = [v for v in st.variables if not v.trainable]
         self.acc: list[Any] = []  # made by `allocate`
         self.reducer: Any = None  # the executor's `Reducer`
-        self.outbox: Any = None  # the executor's sender of a backward's input gradients (NumPy arrays)
+        self.outbox: Any = None  # the executor's sender of a chunk's input gradients (chunk, NumPy arrays)
         self._build()
 
     def updates_in_backward(self, num_microbatches: int) -> bool:
@@ -214,11 +250,29 @@ class StageCompute:
         backward that is one compiled function (fused, or recomputed)."""
         return (
             num_microbatches == 1
+            and len(self.chunks) == 1
             and bool(self.variables)
             and self.clip is None
             and not self.reducer.needed
-            and (self.fused or self.recompute)
+            and (self.chunks[0].fused or self.recompute)
         )
+
+    @property
+    def state(self) -> list[Any]:
+        """What a training forward of any chunk may change (`_Chunk.state`)."""
+        return list({id(v): v for ch in self.chunks for v in ch.state}.values())
+
+    @property
+    def unused(self) -> list[bool]:
+        """Per variable: no chunk got a gradient for it, so it is not updated, as Keras's
+        optimizer skips it (a tied one takes the other holders' gradient; a rank with no
+        gradient at all applies zeros). Known once every chunk's backward is traced."""
+        none = [True] * len(self.variables)
+        for ch in self.chunks:
+            for i, n in zip(ch.index, ch.none or [False] * len(ch.index)):
+                none[i] = none[i] and n
+        unused = [n and i not in self.tied for i, n in enumerate(none)]
+        return [False] * len(unused) if all(unused) else unused
 
     def allocate(self, accumulators: bool, optimizer: bool = True) -> None:
         """Make the optimizer's slots (unless not `optimizer`: steps that update nothing),
@@ -230,10 +284,10 @@ class StageCompute:
         if accumulators and len(self.acc) != len(self.variables):
             self.acc = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in self.variables]
 
-    def _run(self, recv_vals, data_vals, ys, sws, divisors, reg_scale, training: bool, *, metrics: bool = True):
-        st, obj = self.stage, self.objective
+    def _run(self, recv_vals, data_vals, ys, sws, divisors, reg_scale, training: bool, *, chunk=0, metrics=True):
+        st, obj = self.chunks[chunk].stage, self.objective
         feeds = dict(zip(st.recv, recv_vals))
-        feeds.update(self._model_inputs(data_vals))
+        feeds.update(self._model_inputs(st, data_vals))
         out = st.forward(feeds, training=training)
         preds = [out[t] for t in st.output_tensors]
         loss, per_output = obj.stage_loss(st.model_outputs, ys, preds, sws, divisors)
@@ -242,34 +296,38 @@ class StageCompute:
         reg = obj.regularization(st.weight_losses) * reg_scale[0] + obj.regularization(st.call_losses) * reg_scale[1]
         if metrics:
             obj.update_metrics(st.model_outputs, ys, preds, sws)
-        return [out[t] for t in self.send_ids], loss + reg, per_output, preds
+        return [out[t] for t in self.chunks[chunk].send_ids], loss + reg, per_output, preds
 
-    def _model_inputs(self, data_vals) -> dict[int, Any]:
+    def _model_inputs(self, st: Stage, data_vals) -> dict[int, Any]:
         """The stage's model inputs (model input i is tensor i), cast to their `keras.Input`
         dtypes as Keras's functional call casts them (NumPy's int64 into an int32 input): an
         input may cross to a later stage as it came, and transfers are typed symbolically."""
         tensors = self.plan.graph.tensors
-        return {t: tf.cast(v, tensors[t].dtype) for t, v in zip(self.stage.data_inputs, data_vals)}
+        return {t: tf.cast(v, tensors[t].dtype) for t, v in zip(st.data_inputs, data_vals)}
 
-    def _train_forward(self, recv_vals, data_vals, ys, sws, divisors, reg_scale, *, metrics: bool = True):
+    def _train_forward(self, recv_vals, data_vals, ys, sws, divisors, reg_scale, *, chunk=0, metrics=True):
         """Also returns the loss to differentiate, scaled as the optimizer asks
         (LossScaleOptimizer under mixed_float16), so every stage's gradients scale alike."""
         sends, loss, per_output, _ = self._run(
-            recv_vals, data_vals, ys, sws, divisors, reg_scale, training=True, metrics=metrics
+            recv_vals, data_vals, ys, sws, divisors, reg_scale, training=True, chunk=chunk, metrics=metrics
         )
         scaled = self.optimizer.scale_loss(loss) if hasattr(self.optimizer, "scale_loss") else loss
         return sends, loss, scaled, per_output
 
-    def _taped_forward(self, recv_vals, rest, metrics: bool = True):
+    def _taped_forward(self, recv_vals, rest, chunk: int, metrics: bool = True):
         """The training forward under a tape that watches the float inputs:
         (tape, float inputs, sends, loss, scaled loss, per-output losses)."""
-        float_in = [v for t, v in zip(self.stage.recv, recv_vals) if t in self.recv_float]
+        float_in = self._float_inputs(chunk, recv_vals)
         with tf.GradientTape() as tape:
             tape.watch(float_in)
-            sends, loss, scaled, per_output = self._train_forward(recv_vals, *rest, metrics=metrics)
+            sends, loss, scaled, per_output = self._train_forward(recv_vals, *rest, chunk=chunk, metrics=metrics)
         return tape, float_in, sends, loss, scaled, per_output
 
-    def _accumulating_forward(self, anchor, recv_vals, *rest, hand_over: bool = False):
+    def _float_inputs(self, chunk: int, recv_vals) -> list[Any]:
+        ch = self.chunks[chunk]
+        return [v for t, v in zip(ch.stage.recv, recv_vals) if t in ch.recv_float]
+
+    def _accumulating_forward(self, anchor, recv_vals, *rest, chunk: int = 0, hand_over: bool = False):
         """`_train_forward` whose gradient adds the variables' gradients into the accumulators
         within the compiled backward and returns the float inputs' gradients only. The
         backward runs when a gradient is asked of `anchor`, a scalar input every stage has.
@@ -278,10 +336,7 @@ class StageCompute:
         function per trace for good, holding the variables it read (a model's weights would
         never be freed). Here one function is registered, and each trace's gradient is kept
         in the trace's graph, so it goes with the stage's compiled functions."""
-        float_in = [v for t, v in zip(self.stage.recv, recv_vals) if t in self.recv_float]
-        with tf.GradientTape() as tape:
-            tape.watch(float_in)
-            sends, loss, scaled, per_output = self._train_forward(recv_vals, *rest)
+        tape, float_in, sends, loss, scaled, per_output = self._taped_forward(recv_vals, rest, chunk)
         results = tf.nest.flatten((scaled, sends, loss, per_output))
         graph = tf.compat.v1.get_default_graph()
         with graph.gradient_override_map({"IdentityN": _STAGE_GRADIENT}):
@@ -292,88 +347,96 @@ class StageCompute:
         def grad(d_scaled, *d_rest):
             me = owner()
             assert me is not None, "a stage's backward was built after the stage was freed"
-            d_sends = dict(zip(me.send_ids, d_rest))
+            ch = me.chunks[chunk]
+            d_sends = dict(zip(ch.send_ids, d_rest))
             out_grads = [d_sends[t] if d_sends[t] is not None else tf.zeros_like(s)
-                         for t, s in zip(me.send_ids, sends) if t in me.send_float]  # fmt: skip
-            grads = me._gradients(tape, float_in, d_scaled, scaled, sends, out_grads)
-            with tf.control_dependencies(me._accumulate_now(grads[: len(me.variables)], hand_over)):
-                in_grads = [tf.zeros_like(anchor)] + [tf.identity(g) for g in grads[len(me.variables) :]]
+                         for t, s in zip(ch.send_ids, sends) if t in ch.send_float]  # fmt: skip
+            grads = me._gradients(chunk, tape, float_in, d_scaled, scaled, sends, out_grads)
+            with tf.control_dependencies(me._accumulate_now(chunk, grads[: len(ch.variables)], hand_over)):
+                in_grads = [tf.zeros_like(anchor)] + [tf.identity(g) for g in grads[len(ch.variables) :]]
             return [None] * len(results) + in_grads
 
         graph.add_to_collection(_STAGE_GRADIENT, (passed[0].op.name, grad))
         out = tf.nest.pack_sequence_as((scaled, sends, loss, per_output), passed[: len(results)])
         return out[1], out[2], out[0], out[3]
 
-    def _gradients(self, tape, float_in, d_scaled, scaled, sends, out_grads) -> list[Any]:
-        """Gradients of the variables (None for one the stage's outputs do not depend on, as
+    def _gradients(self, chunk: int, tape, float_in, d_scaled, scaled, sends, out_grads) -> list[Any]:
+        """Gradients of the chunk's variables (None for one its outputs do not depend on, as
         Keras leaves it), then of the float inputs (zeros there), given the float sends'
         gradients. The float inputs' are handed to `outbox` before the variables' are computed."""
-        float_out = [s for t, s in zip(self.send_ids, sends) if t in self.send_float]
+        ch = self.chunks[chunk]
+        float_out = [s for t, s in zip(ch.send_ids, sends) if t in ch.send_float]
         targets, seeds = [scaled] + float_out, [d_scaled] + list(out_grads)
         graph = tf.compat.v1.get_default_graph()
         first = len(graph.get_operations())
-        grads = tape.gradient(targets, self.variables + float_in, output_gradients=seeds)
-        n = len(self.variables)
+        grads = tape.gradient(targets, ch.variables + float_in, output_gradients=seeds)
+        n = len(ch.variables)
         in_grads = [tf.zeros_like(x) if g is None else g for g, x in zip(grads[n:], float_in)]
         if not in_grads:
             return grads[:n]
         made = graph.get_operations()[first:]
-        gate = tf.numpy_function(functools.partial(_hand_back, weakref.ref(self)), in_grads, tf.int32)
+        gate = tf.numpy_function(functools.partial(_hand_back, weakref.ref(self), chunk), in_grads, tf.int32)
         _after_input_gradients(made, in_grads, gate.op)
         with tf.control_dependencies([gate]):  # so that no backward leaves it out
             return grads[:n] + [tf.identity(g) for g in in_grads]
 
-    def _fused(self, recv_vals, *rest, hand_over: bool = False, update: bool = False):
-        tape, float_in, sends, loss, scaled, per_output = self._taped_forward(recv_vals, rest)
-        grads = self._gradients(tape, float_in, tf.ones_like(scaled), scaled, [], [])
-        self._take(grads[: len(self.variables)], hand_over, update)
+    def _fused(self, recv_vals, *rest, chunk: int = 0, hand_over: bool = False, update: bool = False):
+        tape, float_in, sends, loss, scaled, per_output = self._taped_forward(recv_vals, rest, chunk)
+        grads = self._gradients(chunk, tape, float_in, tf.ones_like(scaled), scaled, [], [])
+        self._take(chunk, grads[: len(self.chunks[chunk].variables)], hand_over, update)
         return sends, loss, per_output  # the input gradients left through `outbox`
 
-    def _forward_from(self, *args):
+    def _forward_from(self, *args, chunk: int = 0):
         """The training forward, untaped, and the state it started from (for `_recomputed`)."""
-        before = [tf.identity(v) for v in self.state]
-        sends, loss, _, per_output = self._train_forward(*args)
+        before = [tf.identity(v) for v in self.chunks[chunk].state]
+        sends, loss, _, per_output = self._train_forward(*args, chunk=chunk)
         return sends, loss, per_output, before
 
     def _recomputed(
-        self, recv_vals, data_vals, ys, sws, divisors, reg_scale, before, out_grads, hand_over=False, update=False
-    ):
+        self, recv_vals, data_vals, ys, sws, divisors, reg_scale, before, out_grads, chunk=0, hand_over=False,
+        update=False,
+    ):  # fmt: skip
         """Run the forward again from state `before`, differentiate and accumulate (or
         update); leave the state as it was found. Returns the float inputs' gradients."""
-        now = [tf.identity(v) for v in self.state]
-        for v, value in zip(self.state, before):
+        state = self.chunks[chunk].state
+        now = [tf.identity(v) for v in state]
+        for v, value in zip(state, before):
             v.assign(value)
         rest = (data_vals, ys, sws, divisors, reg_scale)
-        tape, float_in, sends, _, scaled, _ = self._taped_forward(recv_vals, rest, metrics=False)
-        grads = self._gradients(tape, float_in, tf.ones_like(scaled), scaled, sends, out_grads)
-        for v, value in zip(self.state, now):
+        tape, float_in, sends, _, scaled, _ = self._taped_forward(recv_vals, rest, chunk, metrics=False)
+        grads = self._gradients(chunk, tape, float_in, tf.ones_like(scaled), scaled, sends, out_grads)
+        for v, value in zip(state, now):
             v.assign(value)
-        self._take(grads[: len(self.variables)], hand_over, update)
+        n = len(self.chunks[chunk].variables)
+        self._take(chunk, grads[:n], hand_over, update)
         # The loss too, for an output: TensorFlow runs a function that has none (a first
         # stage's: no input gradients) in an order that keeps every gradient alive at once.
-        return grads[len(self.variables) :], scaled
+        return grads[n:], scaled
 
-    def _take(self, grads, hand_over: bool, update: bool) -> None:
+    def _take(self, chunk: int, grads, hand_over: bool, update: bool) -> None:
         """Hand a compiled backward's variable gradients on: to the optimizer (`update`, see
-        `updates_in_backward`: None for unused variables, which Keras's optimizer skips, or
-        zeros for all if all are, as its `apply` refuses that), else to the accumulators."""
+        `updates_in_backward`: one chunk; None for unused variables, which Keras's optimizer
+        skips, or zeros for all if all are, as its `apply` refuses that), else to the accumulators."""
         if not update:
-            self._accumulate_now(grads, hand_over)
+            self._accumulate_now(chunk, grads, hand_over)
             return
         if all(g is None for g in grads):
             grads = [tf.zeros_like(v) for v in self.variables]
         self.optimizer.apply(grads, self.variables)
 
-    def _accumulate_now(self, grads, hand_over: bool = False) -> list[Any]:
-        """Add `grads` into the accumulators; with `hand_over` (the step's last backward),
-        then pass each bucket to the reducer once its accumulators are final, in bucket order."""
-        unused = [g is None and i not in self.tied for i, g in enumerate(grads)]
-        self.unused = [False] * len(grads) if all(unused) else unused  # the optimizer needs one
-        done = [tf.no_op() if g is None else a.assign_add(tf.cast(tf.convert_to_tensor(g), a.dtype))
-                for a, g in zip(self.acc, grads)]  # fmt: skip
+    def _accumulate_now(self, chunk: int, grads, hand_over: bool = False) -> list[Any]:
+        """Add a chunk's `grads` into the accumulators; with `hand_over` (the step's last
+        backward), then pass each bucket to the reducer once its accumulators are final, in
+        bucket order (the other chunks' backwards ran before it)."""
+        ch = self.chunks[chunk]
+        ch.none = [g is None for g in grads]
+        done: list[Any] = [tf.no_op() for _ in self.acc]
+        for i, g in zip(ch.index, grads):
+            if g is not None:
+                done[i] = self.acc[i].assign_add(tf.cast(tf.convert_to_tensor(g), self.acc[i].dtype))
         if self.keep_rows:
             owner = weakref.ref(self)
-            for i, g in enumerate(grads):
+            for i, g in zip(ch.index, grads):
                 if isinstance(g, tf.IndexedSlices):
                     keep = functools.partial(_keep_rows, owner, i)
                     done.append(tf.numpy_function(keep, [g.values, tf.cast(g.indices, tf.int64)], tf.int32))
@@ -455,38 +518,41 @@ class StageCompute:
         self.infer = tf.function(functools.partial(self._run, training=False))
         self.predict = tf.function(self._predict)
 
-    def _predict(self, recv_vals, data_vals):
+    def _predict(self, recv_vals, data_vals, chunk: int = 0):
         """Forward only, no loss or metrics: (sends, model outputs)."""
-        st = self.stage
-        feeds = dict(zip(st.recv, recv_vals))
-        feeds.update(self._model_inputs(data_vals))
-        out = st.forward(feeds, training=False)
-        return [out[t] for t in self.send_ids], [out[t] for t in st.output_tensors]
+        ch = self.chunks[chunk]
+        feeds = dict(zip(ch.stage.recv, recv_vals))
+        feeds.update(self._model_inputs(ch.stage, data_vals))
+        out = ch.stage.forward(feeds, training=False)
+        return [out[t] for t in ch.send_ids], [out[t] for t in ch.stage.output_tensors]
 
-    def forward(self, args, divisors, reg_scale, hand_over: bool = False, update: bool = False):
-        """Training forward: (sends, loss, per-output, stash for `backward`). The stash is
-        the forward's tape, or with `recompute` its inputs and starting state. With
+    def forward(self, chunk: int, args, divisors, reg_scale, hand_over: bool = False, update: bool = False):
+        """A chunk's training forward: (sends, loss, per-output, stash for `backward`). The
+        stash is the forward's tape, or with `recompute` its inputs and starting state. With
         `hand_over`, the stash's backward is the step's last (see `_accumulate_now`); with
         `update`, it runs the optimizer (recomputed only: see `updates_in_backward`)."""
         if self.recompute:
-            sends, loss, per_output, before = self.forward_from(*args, divisors, reg_scale)
-            return sends, loss, per_output, _Inputs((*args, divisors, reg_scale), before, hand_over, update)
+            sends, loss, per_output, before = self.forward_from(*args, divisors, reg_scale, chunk=chunk)
+            return sends, loss, per_output, _Inputs((*args, divisors, reg_scale), before, hand_over, update, chunk)
         tape = tf.GradientTape()
         with tape:
             anchor = tf.zeros(())
-            float_in = [v for t, v in zip(self.stage.recv, args[0]) if t in self.recv_float]
+            float_in = self._float_inputs(chunk, args[0])
             tape.watch([anchor] + float_in)
             sends, loss, scaled, per_output = self.train_forward(
-                anchor, *args, divisors, reg_scale, hand_over=hand_over
+                anchor, *args, divisors, reg_scale, chunk=chunk, hand_over=hand_over
             )
-        return sends, loss, per_output, (tape, [anchor] + float_in, scaled, sends)
+        return sends, loss, per_output, (tape, [anchor] + float_in, scaled, sends, chunk)
 
     def backward(self, stash, out_grads) -> None:
-        """Accumulate the variables' gradients (or, stashed with `update`, apply them); the
-        float inputs' gradients leave through `outbox`."""
+        """Accumulate the chunk's variables' gradients (or, stashed with `update`, apply
+        them); the float inputs' gradients leave through `outbox`."""
         if isinstance(stash, _Inputs):
-            self.recomputed(*stash.args, stash.state, out_grads, hand_over=stash.hand_over, update=stash.update)
+            self.recomputed(
+                *stash.args, stash.state, out_grads, chunk=stash.chunk, hand_over=stash.hand_over, update=stash.update
+            )
             return
-        tape, sources, scaled, sends = stash
-        float_out = [s for t, s in zip(self.send_ids, sends) if t in self.send_float]
+        tape, sources, scaled, sends, chunk = stash
+        ch = self.chunks[chunk]
+        float_out = [s for t, s in zip(ch.send_ids, sends) if t in ch.send_float]
         tape.gradient([scaled] + float_out, sources, output_gradients=[tf.ones_like(scaled)] + list(out_grads))

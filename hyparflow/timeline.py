@@ -170,7 +170,7 @@ def _to_rank0(t: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
 def _chrome_trace(per_rank: list[list[Event]], start: np.ndarray, end: np.ndarray, session) -> dict[str, Any]:
     """The merged Chrome trace: times in microseconds from the first event, on rank 0's clock."""
     grid = session.grid
-    placed = {rank: (replica, stage) for replica, row in enumerate(grid.ranks) for stage, rank in enumerate(row)}
+    placed = {rank: (replica, p) for replica, row in enumerate(grid.ranks) for p, rank in enumerate(row)}
     aligned = []
     for rank, events in enumerate(per_rank):
         times = np.array([(e[2], e[3]) for e in events], float).reshape(-1, 2)
@@ -182,16 +182,8 @@ def _chrome_trace(per_rank: list[list[Event]], start: np.ndarray, end: np.ndarra
     ranks = []
     for rank, events in enumerate(per_rank):
         replica, stage = placed[rank]
-        ranks.append({"rank": rank, "replica": replica, "stage": stage})
-        out.append(
-            {
-                "name": "process_name",
-                "ph": "M",
-                "pid": rank,
-                "tid": 0,
-                "args": {"name": f"rank {rank} (replica {replica}, stage {stage})"},
-            }
-        )
+        ranks.append({"rank": rank, "replica": replica, "stage": stage, "stages": list(grid.stages_at(stage))})
+        out.append({"name": "process_name", "ph": "M", "pid": rank, "tid": 0, "args": {"name": grid.where(rank)}})
         out.append({"name": "process_sort_index", "ph": "M", "pid": rank, "tid": 0, "args": {"sort_index": rank}})
         for (name, cat, _, _, step, args), (ts, dur) in zip(events, micros[rank]):
             event = {"name": name, "cat": cat, "ph": "X", "pid": rank, "tid": 0, "ts": ts, "dur": dur}
@@ -205,6 +197,7 @@ def _chrome_trace(per_rank: list[list[Event]], start: np.ndarray, end: np.ndarra
     other = {
         "schedule": layout.schedule,
         "num_partitions": layout.num_partitions,
+        "virtual_stages": layout.virtual_stages,
         "num_replicas": layout.num_replicas,
         "num_microbatches": layout.num_microbatches,
         "ranks": ranks,

@@ -47,13 +47,16 @@ def _check_model(model, call: str) -> None:
         )
 
 
-def _layout(num_partitions, num_replicas, num_microbatches, schedule=None, placement="pipeline") -> dict[str, Any]:
+def _layout(
+    num_partitions, num_replicas, num_microbatches, schedule=None, placement="pipeline", virtual_stages=None
+) -> dict[str, Any]:
     return dict(
         num_partitions=num_partitions,
         num_replicas=num_replicas,
         num_microbatches=num_microbatches,
         schedule=schedule,
         placement=placement,
+        virtual_stages=virtual_stages,
     )
 
 
@@ -97,6 +100,7 @@ def fit(
     num_replicas: int | None = None,
     num_microbatches: int | None = None,
     schedule: str | None = None,
+    virtual_stages: int | None = None,
     recompute: bool | None = None,
     balance: Balance = None,
     memory_limit: float | None = None,
@@ -114,8 +118,12 @@ def fit(
     """Train `model` like `model.fit` (same keywords, same meaning), split into
     `num_partitions` pipeline stages and `num_replicas` data-parallel replicas (default:
     world size / num_partitions). Layout settings left as None come from
-    HYPARFLOW_PARTITIONS / _REPLICAS / _MICROBATCHES / _SCHEDULE (what `hyparflow run`
-    passes), else 1 partition, 1 micro-batch, 1F1B.
+    HYPARFLOW_PARTITIONS / _REPLICAS / _MICROBATCHES / _SCHEDULE / _VIRTUAL_STAGES (what
+    `hyparflow run` passes), else 1 partition, 1 micro-batch, 1F1B.
+
+    `schedule="interleaved"` cuts the model into `num_partitions x virtual_stages` stages
+    (default 2 a rank) and gives rank p stages p, p + P, ...: the pipeline's bubble shrinks
+    by that factor, for as many more activation transfers (Megatron-LM's interleaved 1F1B).
 
     `recompute=True` (or HYPARFLOW_RECOMPUTE=1) keeps only each stage's inputs between a
     micro-batch's forward and its backward, which runs the forward again: activation
@@ -155,7 +163,7 @@ def fit(
         _steps("steps_per_epoch", steps_per_epoch),
         _steps("validation_steps", validation_steps),
     )
-    layout = _layout(num_partitions, num_replicas, num_microbatches, schedule, placement_policy)
+    layout = _layout(num_partitions, num_replicas, num_microbatches, schedule, placement_policy, virtual_stages)
     recompute = switch("recompute", recompute)
     session = open_session(model, comm, layout, balance, memory_limit, announce=True, batch_size=batch_size)
     graph, transport = session.plan.graph, session.transport

@@ -51,21 +51,41 @@ def launched_size() -> int:
 
 @dataclass(frozen=True)
 class Grid:
-    """This rank's place in a `num_replicas x num_partitions` grid of ranks."""
+    """This rank's place in a `num_replicas x num_partitions` grid of ranks. The rank at
+    pipeline position p holds the plan's stages p, p + P, ... (`chunks` of them: several
+    under an interleaved schedule)."""
 
     rank: int
     num_partitions: int
     num_replicas: int
     replica: int
-    stage: int
-    ranks: tuple[tuple[int, ...], ...]  # ranks[replica][stage] -> world rank
+    stage: int  # this rank's pipeline position: its first stage
+    ranks: tuple[tuple[int, ...], ...]  # ranks[replica][position] -> world rank
+    chunks: int = 1
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        return self.stages_at(self.stage)
+
+    def stages_at(self, position: int) -> tuple[int, ...]:
+        return tuple(position + k * self.num_partitions for k in range(self.chunks))
+
+    def position(self, stage: int) -> int:
+        """The pipeline position holding a stage of the plan."""
+        return stage % self.num_partitions
+
+    def holder(self, stage: int, replica: int = 0) -> int:
+        """The world rank holding a stage of the plan in a replica."""
+        return self.ranks[replica][self.position(stage)]
 
     def where(self, rank: int | None = None) -> str:
-        """'rank 3 (replica 1, stage 1)' for a world rank (default: this one)."""
+        """'rank 3 (replica 1, stage 1)' for a world rank (default: this one); 'stages 1, 3'
+        when it holds several."""
         rank = self.rank if rank is None else rank
         for r, row in enumerate(self.ranks):
             if rank in row:
-                return f"rank {rank} (replica {r}, stage {row.index(rank)})"
+                held = ", ".join(map(str, self.stages_at(row.index(rank))))
+                return f"rank {rank} (replica {r}, stage{'s' if self.chunks > 1 else ''} {held})"
         return f"rank {rank}"
 
 
@@ -216,12 +236,16 @@ class Transport:
         num_partitions: int,
         num_replicas: int,
         tied_sets: Sequence[tuple[int, ...]] = (),
+        chunks: int = 1,
     ) -> Grid:
-        """Split the world into the grid's groups from `assignment[rank] = (replica, stage)`:
-        `pipe` joins the stages of one replica, `data` the replicas of one stage, and each of
-        `tied_sets` (stage sets holding tied weights, the same list on every rank) joins
-        every replica of those stages; a rank keeps the groups of the sets its stage is in."""
+        """Split the world into the grid's groups from `assignment[rank] = (replica,
+        position)`: `pipe` joins the positions of one replica, `data` the replicas of one
+        position, and each of `tied_sets` (stage sets holding tied weights, the same list on
+        every rank) joins every replica of those stages' positions; a rank keeps the groups
+        of the sets one of its `chunks` stages is in."""
         replica, stage = assignment[self.rank]
+        grid = Grid(self.rank, num_partitions, num_replicas, replica, stage, (), chunks)
+        mine = set(grid.stages)
         ranks = [[-1] * num_partitions for _ in range(num_replicas)]
         for r, (rep, st) in enumerate(assignment):
             ranks[rep][st] = r
@@ -229,10 +253,10 @@ class Transport:
         self.pipe = self.world.Split(color=replica, key=stage)
         self.data = self.world.Split(color=stage, key=replica)
         for stages in sorted(set(map(tuple, tied_sets))):  # one order on every rank: Split is collective
-            group = self.world.Split(color=0 if stage in stages else MPI.UNDEFINED, key=self.rank)
-            if stage in stages:
+            group = self.world.Split(color=0 if mine & set(stages) else MPI.UNDEFINED, key=self.rank)
+            if mine & set(stages):
                 self.tied[stages] = group
-        self.grid = Grid(self.rank, num_partitions, num_replicas, replica, stage, tuple(map(tuple, ranks)))
+        self.grid = Grid(self.rank, num_partitions, num_replicas, replica, stage, tuple(map(tuple, ranks)), chunks)
         self.where = self.grid.where()
         return self.grid
 

@@ -52,6 +52,18 @@ CASES: dict[str, tuple] = {
     "embedding P2 R2 M2 adam": ("shared_embedding", 2, 2, "1f1b", "adam", 48, 16, False, 1),
     "embedding P1 R4 M2 rmsprop": ("shared_embedding", 1, 2, "1f1b", "rmsprop", 48, 16, False, 1),
     "clipvalue embedding P4 M1": ("shared_embedding", 4, 1, "1f1b", "sgd clipvalue=0.01", 48, 16, False, 1),
+    # interleaved 1F1B: P x 2 stages, rank p holding stages p and p + P
+    "interleaved mlp P2 R2 M4 adam": ("mlp", 2, 4, "interleaved", "adam", 48, 16, False, 1),
+    "interleaved resnet_bn P4 M1 sgd": ("resnet_bn", 4, 1, "interleaved", "sgd", 48, 16, False, 1),
+    "interleaved densenet P2 R2 M2 adam": ("densenet", 2, 2, "interleaved", "adam", 48, 16, False, 1),
+    "interleaved multi_io P2 R2 M2 sample weights": ("multi_io", 2, 2, "interleaved", "adam", 48, 16, True, 1),
+    "interleaved tied_lm P2 R2 M2": ("tied_lm", 2, 2, "interleaved", "sgd", 32, 16, False, 1),
+    "interleaved int_boundary P2 R2 M2": ("int_boundary", 2, 2, "interleaved", "sgd", 48, 16, False, 1),
+    # an embedding tied between stages 0 and 2, both on rank 0 (one variable, two chunks' rows), clipped globally
+    "interleaved embedding P2 R2": ("shared_embedding", 2, 2, "interleaved", "adam global_clipnorm", 48, 16, False, 1),
+    # 3 micro-batches, not a multiple of 2 ranks: every forward first; uneven splits
+    "interleaved uneven P2 R2 M3 adam": ("mlp", 2, 3, "interleaved", "adam", 50, 18, False, 1),
+    "recompute interleaved resnet_bn P4 M1 adam": ("resnet_bn", 4, 1, "interleaved", "adam", 48, 16, False, 1),
 }
 # The cases run again under mpirun (tests/test_engine.py): each way ranks talk at least once
 # (float and int activations, multiple outputs, tied and sparse-row gradient reductions, a
@@ -78,6 +90,9 @@ UNDER_MPI = [
     "global_clipnorm embedding P4 M2",
     "clipnorm embedding P2 R2 M2",
     "embedding P2 R2 M2 adam",
+    "interleaved mlp P2 R2 M4 adam",
+    "interleaved densenet P2 R2 M2 adam",
+    "interleaved embedding P2 R2",
 ]
 # Further hf.fit keywords of some cases.
 FIT_KW: dict[str, dict] = {key: {"recompute": True} for key in CASES if key.startswith("recompute ")}

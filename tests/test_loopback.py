@@ -253,9 +253,9 @@ def test_a_backward_sends_its_input_gradients_before_it_computes_its_weight_grad
 
     sent = Executor._send_input_gradients
 
-    def logged(self, pending, grads):
+    def logged(self, pending, chunk, grads):
         events.append((self.grid.stage, "sent"))
-        sent(self, pending, grads)
+        sent(self, pending, chunk, grads)
 
     monkeypatch.setattr(Executor, "_send_input_gradients", logged)
     models, _ = grid_fit(build, 3, num_partitions=3, num_microbatches=2, balance=[1, 1, 1], gather="all")

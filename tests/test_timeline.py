@@ -31,23 +31,28 @@ def overlap(a: dict, b: dict) -> bool:
     return a["ts"] < b["ts"] + b["dur"] - 0.01 and b["ts"] < a["ts"] + a["dur"] - 0.01
 
 
-def check_trace(trace: dict, kind: str, P: int, R: int, M: int, steps: int, test_steps: int) -> None:
-    """Assert everything a timeline promises about a fit of zoo.mlp (its last stage fused)."""
+def check_trace(trace: dict, kind: str, P: int, R: int, M: int, steps: int, test_steps: int, v: int = 1) -> None:
+    """Assert everything a timeline promises about a fit of zoo.mlp (its last stage fused),
+    its ranks holding `v` stages each."""
     info, events = trace["otherData"], [e for e in trace["traceEvents"] if e["ph"] == "X"]
-    assert (info["schedule"], info["num_partitions"], info["num_replicas"], info["num_microbatches"]) == (kind, P, R, M)
-    place = {r["rank"]: (r["replica"], r["stage"]) for r in info["ranks"]}
+    layout = (info["schedule"], info["num_partitions"], info["num_replicas"], info["num_microbatches"])
+    assert layout + (info["virtual_stages"],) == (kind, P, R, M, v)
+    place = {r["rank"]: (r["replica"], r["stage"]) for r in info["ranks"]}  # (replica, pipeline position)
     ranks_of = {v: k for k, v in place.items()}
     assert sorted(place) == list(range(P * R))
     assert sorted(place.values()) == [(r, s) for r in range(R) for s in range(P)]
     meta = [e for e in trace["traceEvents"] if e["ph"] == "M" and e["name"] == "process_name"]
     names = {e["pid"]: e["args"]["name"] for e in meta}
-    assert names == {rank: f"rank {rank} (replica {r}, stage {s})" for rank, (r, s) in place.items()}
+    held = {p: ", ".join(str(p + k * P) for k in range(v)) for p in range(P)}
+    plural = "s" if v > 1 else ""
+    assert names == {rank: f"rank {rank} (replica {r}, stage{plural} {held[p]})" for rank, (r, p) in place.items()}
     by_rank = defaultdict(list)
     for e in events:
         by_rank[e["pid"]].append(e)
+    last_stage = P * v - 1
     compute: dict[tuple, dict] = {}  # (replica, stage, step, op, m) -> event
     for rank, mine in by_rank.items():
-        replica, stage = place[rank]
+        replica, position = place[rank]
         mine.sort(key=lambda e: e["ts"])
         step_events = [e for e in mine if e["cat"] == "step"]
         trained = [e["name"] for e in step_events if e["args"]["mode"] == "train"]
@@ -64,42 +69,47 @@ def check_trace(trace: dict, kind: str, P: int, R: int, M: int, steps: int, test
             assert len(around) <= 1, f"rank {rank}: a send overlaps {len(around)} events"
             if around:
                 assert inside(e, around[0]) and around[0]["cat"] in COMPUTE, f"rank {rank}: {around[0]['name']}"
-        fused = stage == P - 1
-        expected = [
-            ("fused" if fused else "forward", m) if op == FORWARD else ("backward", m)
-            for op, m in schedule(kind, P, stage, M)
-            if not (fused and op != FORWARD)
-        ]
+        expected = []
+        for op, k, m in schedule(kind, P, position, M, v):
+            stage = k * P + position
+            if op == FORWARD:
+                expected.append(("fused" if stage == last_stage else "forward", stage, m))
+            elif stage != last_stage:
+                expected.append(("backward", stage, m))
         for i in range(steps):
             ops = [e for e in mine if e["cat"] in COMPUTE and e["args"]["mode"] == "train" and e["args"]["step"] == i]
-            assert [(e["cat"], e["args"]["micro_batch"]) for e in ops] == expected, f"rank {rank}, step {i}"
+            got = [(e["cat"], e["args"]["stage"], e["args"]["micro_batch"]) for e in ops]
+            assert got == expected, f"rank {rank}, step {i}"
             for e in ops:
-                compute[(replica, stage, i, "B" if e["cat"] == "backward" else "F", e["args"]["micro_batch"])] = e
+                op = "B" if e["cat"] == "backward" else "F"
+                compute[(replica, e["args"]["stage"], i, op, e["args"]["micro_batch"])] = e
         assert sum(e["cat"] == "optimizer" for e in mine) == steps
         assert sum(e["cat"] == "allreduce" for e in mine) == (steps if R > 1 else 0)
         assert {e["cat"] for e in mine} >= {"data", "callback", "send", "wait"}
         if R > 1:
             check_buckets_start_in_the_last_backward(mine, steps, rank)
-        if stage > 0:
-            waits = [e for e in mine if e["cat"] == "wait" and "activations of micro-batch" in e["args"]["for"]]
-            assert waits and all(e["args"]["peer"] == ranks_of[(replica, stage - 1)] for e in waits)
+        feeders = {ranks_of[(replica, (s - 1) % P)] for s in range(position, last_stage + 1, P) if s > 0}
+        waits = [e for e in mine if e["cat"] == "wait" and "activations of micro-batch" in e["args"]["for"]]
+        assert bool(waits) == bool(feeders) and {e["args"]["peer"] for e in waits} == feeders
+
+    def rank_of(replica: int, stage: int) -> int:
+        return ranks_of[(replica, stage % P)]
+
     err = info["clock_error_us"]
     for (replica, stage, i, op, m), e in compute.items():
-        if op == "F" and stage + 1 < P:  # activations flow forward after the forward...
+        if op == "F" and stage < last_stage:  # activations flow forward after the forward...
             after, before = compute[(replica, stage + 1, i, "F", m)], e
-        elif op == "B" and stage + 1 < P:  # ...and their gradients back from inside the backward
-            made_in = compute[(replica, stage + 1, i, "B" if stage + 1 < P - 1 else "F", m)]
+        elif op == "B" and stage < last_stage:  # ...and their gradients back from inside the backward
+            made_in = compute[(replica, stage + 1, i, "B" if stage + 1 < last_stage else "F", m)]
             (before,) = [
                 s
-                for s in by_rank[ranks_of[(replica, stage + 1)]]
-                if s["cat"] == "send"
-                and s["name"] == f"send to rank {ranks_of[(replica, stage)]}"
-                and inside(s, made_in)
+                for s in by_rank[rank_of(replica, stage + 1)]
+                if s["cat"] == "send" and s["name"] == f"send to rank {rank_of(replica, stage)}" and inside(s, made_in)
             ]
             after = e
         else:
             continue
-        tol = err[ranks_of[(replica, stage)]] + err[ranks_of[(replica, stage + 1)]] + 0.01
+        tol = err[rank_of(replica, stage)] + err[rank_of(replica, stage + 1)] + 0.01
         assert after["ts"] >= before["ts"] + before["dur"] - tol, (replica, stage, i, op, m)
 
 
@@ -131,7 +141,8 @@ def test_timeline_under_mpirun(tmp_path):
     assert r["untouched"] and r["files"] == ["sub", "trace-gpipe.json"]  # no timeline: nothing written
 
 
-def test_timeline_on_loopback_ranks(tmp_path, capsys):
+@pytest.mark.parametrize("kind,M,v", [("gpipe", 3, 1), ("interleaved", 4, 2)])
+def test_timeline_on_loopback_ranks(tmp_path, capsys, kind, M, v):
     rng = np.random.default_rng(1)
     x, y = rng.standard_normal((32, 12)).astype("float32"), rng.integers(0, 4, 32)
     models = [zoo.mlp(0) for _ in range(2)]
@@ -148,15 +159,15 @@ def test_timeline_on_loopback_ranks(tmp_path, capsys):
             epochs=1,
             verbose=0,
             num_partitions=2,
-            num_microbatches=3,
-            schedule="gpipe",
+            num_microbatches=M,
+            schedule=kind,
             timeline=path,
             comm=comm,
         ),
     )
     with open(path) as f:
         trace = json.load(f)
-    check_trace(trace, "gpipe", 2, 1, 3, 4, 0)
+    check_trace(trace, kind, 2, 1, M, 4, 0, v)
     assert cli.main(["timeline", path, "--steps", "1:2"]) == 0
     table = capsys.readouterr().out
     assert "training steps 1-2" in table and "compute" in table
