@@ -78,9 +78,9 @@ class Executor:
 
     # ---- transfers ------------------------------------------------------------------
     def _post_recvs(self, sizes: Sequence[int], edges: Callable[[Any], list[tuple[int, int, int]]], offset: int):
-        """Pre-post receives for every micro-batch of every chunk, in the order of
-        (chunk, micro-batch) their sends are made in: {(chunk, m, t, peer stage): (buffer,
-        request)}. `edges(chunk)` lists (tensor, peer stage, the edge's stage it goes to)."""
+        """Pre-post receives for every micro-batch of every chunk: {(chunk, m, t, peer
+        stage): (buffer, request)}. `edges(chunk)` lists (tensor, peer stage, the stage the
+        edge goes to); an edge's messages come in micro-batch order, as its receives are posted."""
         info = self.compute.plan.graph.tensors
         posted = {}
         for k, ch in enumerate(self.compute.chunks):

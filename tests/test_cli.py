@@ -64,11 +64,14 @@ def test_run_trains_with_the_map_printed():
 
 
 def test_run_dry_run_prints_the_launch_line():
-    out = hyparflow("run", "--dry-run", "-np", "4", "--partitions", "2", "python", "train.py", timeout=60)
+    layout = ["--partitions", "2", "--schedule", "interleaved", "--virtual-stages", "3"]
+    out = hyparflow("run", "--dry-run", "-np", "4", *layout, "python", "train.py", timeout=60)
     assert out.returncode == 0, out.stderr
     line = out.stdout.strip()
     assert re.search(r"(mpirun|mpiexec|prterun)\S* -np 4", line)
-    assert "-x HYPARFLOW_PARTITIONS" in line and line.endswith("python train.py")
+    assert line.endswith("python train.py")
+    for var in ("PARTITIONS", "SCHEDULE", "VIRTUAL_STAGES"):
+        assert f"-x HYPARFLOW_{var}" in line
 
 
 def test_run_exit_code_is_the_jobs():

@@ -132,6 +132,15 @@ Y = np.random.default_rng(1).integers(0, 4, 40)
         (lambda: hf.fit(compiled(), X, Y, num_partitions=2), "1 ranks, not a multiple of num_partitions=2"),
         (lambda: hf.fit(compiled(), X, Y, num_microbatches=0), "num_microbatches must be a positive integer"),
         (lambda: hf.fit(compiled(), X, Y, schedule="zigzag"), "schedule='zigzag'"),
+        (lambda: hf.fit(compiled(), X, Y, virtual_stages=2), "virtual_stages=2 needs schedule='interleaved'"),
+        (
+            lambda: hf.fit(compiled(), X, Y, schedule="interleaved", virtual_stages=1),
+            "virtual_stages must be an integer >= 2 under schedule='interleaved'",
+        ),
+        (
+            lambda: hf.fit(compiled(), X, Y, schedule="interleaved", memory_limit=1e9),
+            "memory_limit bounds one stage a rank; under schedule='interleaved' a rank holds 2",
+        ),
         (lambda: hf.fit(compiled(), X, Y, gather="some"), "gather='some'"),
         (lambda: hf.fit(compiled(), X, Y, validation_split=1.0), r"validation_split must be in \[0, 1\)"),
         (lambda: hf.fit(compiled(), X, Y, validation_data=(X,)), "validation_data must be"),

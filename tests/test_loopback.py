@@ -267,3 +267,34 @@ def test_a_backward_sends_its_input_gradients_before_it_computes_its_weight_grad
     ref = build()
     ref.fit(X, Y, batch_size=16, shuffle=False, verbose=0)
     assert max_rel(models[0].get_weights(), ref.get_weights()) < 1e-5
+
+
+def test_interleaved_evaluate_and_predict_equal_keras(monkeypatch):
+    """Under HYPARFLOW_SCHEDULE=interleaved (what `hyparflow run --schedule interleaved` sets)
+    evaluate and predict run every micro-batch through each rank's stages too, and a model
+    whose two outputs come from stages on different ranks is assembled in Keras's order."""
+    from hyparflow import session
+
+    monkeypatch.setenv("HYPARFLOW_SCHEDULE", "interleaved")
+    models = [cases.compiled("multi_io", "adam") for _ in range(2)]
+    x, y, _ = cases.data("interleaved multi_io P2 R2 M2 sample weights")
+    grid = dict(batch_size=16, verbose=0, num_partitions=2, num_microbatches=2, balance="flops")
+
+    def body(comm):
+        model = models[comm.Get_rank()]
+        hf.fit(model, x, y, shuffle=False, comm=comm, **grid)
+        held = session._SESSIONS[model][1]
+        scores = hf.evaluate(model, x, y, return_dict=True, comm=comm, **grid)
+        outputs = hf.predict(model, x, comm=comm, **grid)
+        return held.grid.stages, held.stage.model_outputs, scores, outputs
+
+    results = loopback.run(2, body)
+    assert [r[0] for r in results] == [(0, 2), (1, 3)]
+    assert sorted(o for r in results for o in r[1]) == [0, 1]
+    trained = models[0]  # rank 0 holds the whole trained model
+    want_scores = trained.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
+    want = trained.predict(x, batch_size=16, verbose=0)
+    for _, _, scores, outputs in results:
+        assert scores == pytest.approx(want_scores, rel=1e-5)
+        for ours, theirs in zip(outputs, want):
+            np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)

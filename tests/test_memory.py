@@ -32,6 +32,8 @@ X = np.random.default_rng(0).standard_normal((64, 8)).astype("float32")
 Y = np.random.default_rng(1).integers(0, 3, 64)
 FIT = dict(batch_size=16, shuffle=False, verbose=0)
 GRID = dict(num_partitions=4, num_microbatches=2, balance=[2, 1, 1, 2])
+# 2 ranks a replica holding 2 stages each: rank 0 stages 0 and 2, rank 1 stages 1 and 3
+INTERLEAVED = dict(num_partitions=2, num_microbatches=2, schedule="interleaved", balance=[2, 1, 1, 2])
 
 
 def close(a, b) -> bool:
@@ -101,7 +103,8 @@ def test_a_callback_that_reads_the_model_keeps_it_on_every_rank():
     assert close(models[0].get_weights(), ref.get_weights()), "rank 0's model is not Keras's after 1 + 2 epochs"
 
 
-def test_gather_none_keeps_stages_apart_and_save_writes_the_whole_model(tmp_path):
+@pytest.mark.parametrize("grid", [GRID, INTERLEAVED], ids=["1f1b", "interleaved"])
+def test_gather_none_keeps_stages_apart_and_save_writes_the_whole_model(tmp_path, grid):
     ref = build()
     ref.fit(X, Y, epochs=2, **FIT)
     models = [build() for _ in range(4)]
@@ -109,13 +112,13 @@ def test_gather_none_keeps_stages_apart_and_save_writes_the_whole_model(tmp_path
 
     def body(comm):
         model = models[comm.Get_rank()]
-        hf.fit(model, X, Y, **FIT, **GRID, gather="none", comm=comm)
+        hf.fit(model, X, Y, **FIT, **grid, gather="none", comm=comm)
         held = sum(not memory.is_released(v) for v in model.variables)
         hf.save(model, path, comm=comm)
         after_save = sum(not memory.is_released(v) for v in model.variables)
-        hf.fit(model, X, Y, **FIT, **GRID, gather="all", comm=comm)  # reused: from the stages, to every rank
+        hf.fit(model, X, Y, **FIT, **grid, gather="all", comm=comm)  # reused: from the stages, to every rank
         weights = model.get_weights()
-        hf.fit(model, X, Y, **FIT, **GRID, gather="none", comm=comm)
+        hf.fit(model, X, Y, **FIT, **grid, gather="none", comm=comm)
         # a new layout: the weights come back to rank 0 first, then go to the new stages
         loss = hf.evaluate(model, X, Y, verbose=0, num_partitions=2, num_microbatches=1, comm=comm)
         return held, after_save, weights, loss
