@@ -7,7 +7,7 @@ own pair of tags, so that two chunks of one rank never take each other's message
 
 `timers` accumulates seconds of compute, of waiting on peers, and of gradient reduction,
 and the process CPU seconds spent computing (`compute_cpu`: below `compute` when other
-processes took this rank's core);
+processes took this rank's core); `stage_compute`, the compute seconds of each of its stages;
 `timeline`, when a `hyparflow.timeline.Timeline` records, receives each step, compute,
 send, allreduce and optimizer event (the transport records the waits).
 """
@@ -74,6 +74,7 @@ class Executor:
             for ch in compute.chunks
         ]  # fmt: skip
         self.timers = {"compute": 0.0, "compute_cpu": 0.0, "wait": 0.0, "allreduce": 0.0}
+        self.stage_compute = {s: 0.0 for s in compute.stages}
         self.timeline: Timeline | None = None
 
     # ---- transfers ------------------------------------------------------------------
@@ -238,6 +239,7 @@ class Executor:
         t1, cpu1 = _clocks()
         self.timers["compute"] += t1 - start[0]
         self.timers["compute_cpu"] += cpu1 - start[1]
+        self.stage_compute[self.compute.stages[chunk]] += t1 - start[0]
         if self.timeline is not None:
             args = {"micro_batch": m, "stage": self.compute.stages[chunk]}
             name = f"{_COMPUTE_NAMES[cat]} {m}" + (f" {'abcdefgh'[chunk]}" if len(self.compute.chunks) > 1 else "")

@@ -6,12 +6,13 @@ last stage runs fused: a stage's cost differs from its profile by a factor of it
 (stop 20 measured one 14% over). So before a new session's first update, `rebalance`
 runs a few steps that update nothing, rescales each stage's profiled call costs to its
 measured compute, and moves the cuts where that predicts a faster slowest stage
-(`partition.recut`), then times the new cuts the same way; it keeps the fastest cuts
-it measured. A move costs a gather and a scatter of the weights and a new trace of
-the stages' functions, so cuts move only when the predicted saving over the fit's steps
-pays for that. Every rank takes rank 0's decision; results are unchanged: the steps
-update no weight, their non-trainable state (BatchNorm statistics, seed generators)
-and accumulators are put back, and the metrics start over with the first epoch.
+(`partition.recut`), then times the new cuts the same way; it keeps the cuts whose
+slowest rank (the sum of its stages, under an interleaved schedule) was fastest. A move
+costs a gather and a scatter of the weights and a new trace of the stages' functions, so
+cuts move only when the predicted saving over the fit's steps pays for that. Every rank
+takes rank 0's decision; results are unchanged: the steps update no weight, their
+non-trainable state (BatchNorm statistics, seed generators) and accumulators are put
+back, and the metrics start over with the first epoch.
 """
 
 from __future__ import annotations
@@ -39,14 +40,12 @@ def eligible(session, source, epochs: int) -> bool:
     """Whether a fit of `epochs` epochs of `source` rebalances its new session: a "time"
     plan with micro-batches to pipeline, array data (a stream's first batches cannot be
     read twice), a fresh optimizer (moved layers carry no slots), and cuts that can move
-    without a whole-model pass on the ranks (no masks, no layer called on two stages), and
-    one stage a rank (an interleaved rank's time is its stages' together)."""
+    without a whole-model pass on the ranks (no masks, no layer called on two stages)."""
     graph, optimizer = session.plan.graph, getattr(session.model, "optimizer", None)
     return (
         not session.rebalanced
         and session.plan.balance == "time"
         and session.P > 1
-        and session.layout.virtual_stages == 1
         and session.M > 1
         and isinstance(source, ArraySource)
         and source.steps * epochs >= MIN_STEPS
@@ -67,7 +66,8 @@ def rebalance(session, source: ArraySource, epoch: int, steps: int, hint: str | 
     starts = list(session.plan.starts)
     for rounds_left in range(ROUNDS - 1, -1, -1):
         seconds, trace = _trial(session, data, idx)
-        timed[tuple(starts)] = max(seconds)
+        grid = session.grid
+        timed[tuple(starts)] = max(sum(seconds[s] for s in grid.stages_at(p)) for p in range(grid.num_partitions))
         proposal = _propose(session, starts, seconds, trace, steps) if rounds_left else None
         if proposal is None or tuple(proposal) in timed:
             break
@@ -76,7 +76,7 @@ def rebalance(session, source: ArraySource, epoch: int, steps: int, hint: str | 
         starts = proposal
     best = min(timed, key=lambda s: timed[s])
     if list(best) != starts:
-        _say(session, "cuts %s: slowest stage %.4f s per step; back to %s (%.4f s)", starts, timed[tuple(starts)],
+        _say(session, "cuts %s: slowest rank %.4f s per step; back to %s (%.4f s)", starts, timed[tuple(starts)],
              list(best), timed[best])  # fmt: skip
         session.recut(list(best), hint)
     else:
@@ -101,19 +101,20 @@ def _trial(session, data, idx) -> tuple[list[float], float]:
     walls, computes = [], []
     for _ in range(TIMED_STEPS + 1):
         micro, norm = session.micro_batches(data, idx)
-        t0, before = time.perf_counter(), executor.timers["compute"]
+        t0, before = time.perf_counter(), dict(executor.stage_compute)
         executor.train_step(micro, norm, dry=True)
         walls.append(time.perf_counter() - t0)
-        computes.append(executor.timers["compute"] - before)
+        computes.append({s: t - before[s] for s, t in executor.stage_compute.items()})
     for v, value in zip(c.state, state):
         v.assign(value)
     for a in c.acc:
         a.assign(np.zeros(a.shape, a.dtype.as_numpy_dtype))
     c.rows.clear()
-    mine = (session.grid.stage, float(np.mean(computes[1:])), walls[0] - float(np.mean(walls[1:])))
-    everyone = session.transport.allgather(mine)
-    seconds = [float(np.mean([t for s, t, _ in everyone if s == k])) for k in range(session.P)]
-    return seconds, max(extra for _, _, extra in everyone)
+    mine = {s: float(np.mean([step[s] for step in computes[1:]])) for s in c.stages}
+    everyone = session.transport.allgather((mine, walls[0] - float(np.mean(walls[1:]))))
+    stages = range(session.plan.num_partitions)
+    seconds = [float(np.mean([held[s] for held, _ in everyone if s in held])) for s in stages]
+    return seconds, max(extra for _, extra in everyone)
 
 
 def _propose(session, starts: list[int], seconds: list[float], trace: float, steps: int) -> list[int] | None:

@@ -44,7 +44,7 @@ def _build() -> keras.Model:
     return model
 
 
-def _fit(monkeypatch, move: bool) -> tuple[list[np.ndarray], list[list[int]]]:
+def _fit(monkeypatch, move: bool, schedule: str) -> tuple[list[np.ndarray], list[list[int]]]:
     """P=2 x R=2, M=2 on loopback ranks: weights after 32 steps, and the cuts each recut moved to."""
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(256, 12)).astype("float32"), rng.integers(0, 3, 256)
@@ -57,21 +57,27 @@ def _fit(monkeypatch, move: bool) -> tuple[list[np.ndarray], list[list[int]]]:
 
     monkeypatch.setattr(Session, "recut", counted)
     if move:  # rank 0's first decision moves the cut by a call, whatever it measured
-        monkeypatch.setattr(rebalance, "decide", lambda costs, starts, *_: None if moves else [0, starts[1] + 1])
+        monkeypatch.setattr(
+            rebalance, "decide", lambda costs, starts, *_: None if moves else [0, starts[1] + 1, *starts[2:]]
+        )
     else:
         monkeypatch.setattr(rebalance, "eligible", lambda *_: False)
     models = [_build() for _ in range(4)]
     fit = dict(batch_size=8, num_partitions=2, num_microbatches=2, shuffle=False, verbose=0, balance="time")
+    fit["schedule"] = schedule
     loopback.run(4, lambda comm: hf.fit(models[comm.Get_rank()], x, y, comm=comm, **fit))
     return models[0].get_weights(), moves
 
 
-def test_moved_cuts_train_as_the_cuts_planned(monkeypatch):
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved"])
+def test_moved_cuts_train_as_the_cuts_planned(monkeypatch, schedule):
     """Cuts moved after the timed steps (and possibly back) give the weights, BatchNorm
-    statistics included, of a fit that never timed or moved them."""
-    moved, moves = _fit(monkeypatch, move=True)
+    statistics included, of a fit that never timed or moved them (interleaved: 4 stages
+    on 2 ranks a replica)."""
+    moved, moves = _fit(monkeypatch, move=True, schedule=schedule)
     assert moves, "the cuts never moved"
+    assert len(moves[0]) == (4 if schedule == "interleaved" else 2)
     monkeypatch.undo()
-    still, none = _fit(monkeypatch, move=False)
+    still, none = _fit(monkeypatch, move=False, schedule=schedule)
     assert not none
     assert max_rel(moved, still) < 1e-5
