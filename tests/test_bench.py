@@ -95,10 +95,13 @@ def test_configs_parse_grids_schedules_and_settings():
     from hyparflow.bench import _parse_configs
     from hyparflow.errors import ConfigError
 
-    plain, timed = _parse_configs("2x1x8,2x1x8:gpipe+HYPARFLOW_TIMELINE=t.json")
-    assert plain == {"name": "hyparflow P=2 R=1 M=8 1f1b", "P": 2, "R": 1, "M": 8, "schedule": "1f1b", "env": {}}
+    plain, timed, interleaved, four = _parse_configs(
+        "2x1x8,2x1x8:gpipe+HYPARFLOW_TIMELINE=t.json,2x1x8:interleaved,2x1x8:interleaved+HYPARFLOW_VIRTUAL_STAGES=4"
+    )
+    assert plain == dict(name="hyparflow P=2 R=1 M=8 1f1b", P=2, R=1, M=8, v=1, schedule="1f1b", env={})
     assert timed["name"] == "hyparflow P=2 R=1 M=8 gpipe timeline=t.json"
     assert timed["env"] == {"HYPARFLOW_TIMELINE": "t.json"} and timed["schedule"] == "gpipe"
+    assert (interleaved["schedule"], interleaved["v"], four["v"]) == ("interleaved", 2, 4)
     with pytest.raises(ConfigError, match="expected PxRxM"):
         _parse_configs("2x1")
     with pytest.raises(ConfigError, match=r"\+HYPARFLOW_NAME=value"):
