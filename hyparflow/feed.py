@@ -34,8 +34,8 @@ class Feed:
 
     transport: Transport
     reads: bool  # this rank iterates streams
-    leader: int  # the lowest reading stage of this replica: it sends batch sizes to `followers`
-    followers: tuple[int, ...]  # stages of this replica that read nothing
+    leader: int  # the lowest reading pipeline position of this replica: it sends batch sizes to `followers`
+    followers: tuple[int, ...]  # pipeline positions of this replica whose stages read nothing
     root: int  # the lowest reading world rank: it shares a stream's first batch when anyone follows
     anyone_follows: bool  # whether any replica has a stage that reads nothing
     replicas: int = 1
@@ -50,15 +50,15 @@ class Feed:
         if not any(reading):
             raise ConfigError("No stage reads the model's inputs: the plan has nothing to feed.")
         grid = session.grid
-        reading = [any(reading[s] for s in grid.stages_at(p)) for p in range(grid.num_partitions)]  # by position
-        world_readers = [rank for row in grid.ranks for p, rank in enumerate(row) if reading[p]]
+        at = [any(reading[s] for s in grid.stages_at(p)) for p in range(grid.num_partitions)]  # by position
+        world_readers = [rank for row in grid.ranks for p, rank in enumerate(row) if at[p]]
         return cls(
             transport=session.transport,
-            reads=reading[grid.stage],
-            leader=reading.index(True),
-            followers=tuple(p for p, r in enumerate(reading) if not r),
+            reads=at[grid.stage],
+            leader=at.index(True),
+            followers=tuple(p for p, r in enumerate(at) if not r),
             root=min(world_readers),
-            anyone_follows=not all(reading),
+            anyone_follows=not all(at),
             replicas=grid.num_replicas,
             replica=grid.replica,
             divisors=session.replica_divisors,

@@ -119,7 +119,7 @@ def _write(session, path: str) -> None:
         keras_compat.build_unallocated(full, model.trainable_variables)
         local = dict(_keyed(own, model))
         trainable = model.trainable_variables
-        last = grid.ranks[0][-1]
+        last = grid.holder(len(plan.stages) - 1)
         for key, var in _keyed(full, model):
             if key in local:
                 keras_compat.set_variable_storage(var, keras_compat.variable_storage(local[key]))
