@@ -11,6 +11,7 @@ import numpy as np
 
 import hyparflow as hf
 from hyparflow import loopback
+from hyparflow.settings import Layout
 
 
 @dataclass
@@ -90,12 +91,14 @@ def train_like_keras(
             comm=comm,
         ),
     )
-    tied = hf.plan(models[0], num_partitions, balance=balance).tied
+    chunks = Layout.resolve(ranks, num_partitions, num_replicas, num_microbatches).virtual_stages  # HYPARFLOW_*
+    tied = hf.plan(models[0], num_partitions * chunks, balance=balance).tied
     index = {id(v): i for i, v in enumerate(models[0].weights)}
     for v, stages in tied:
         i = index[id(v)]
         held = [s.weights[i] for s in snapshots if not np.array_equal(s.weights[i], initial[i])]
-        assert len(held) == len(stages) * num_replicas, f"{v.path}: {len(held)} ranks changed it, not its stages'"
+        holders = len({s % num_partitions for s in stages}) * num_replicas  # stage s is on pipeline rank s % P
+        assert len(held) == holders, f"{v.path}: {len(held)} ranks changed it, not its stages'"
         for copy in held[1:]:
             np.testing.assert_array_equal(copy, held[0], err_msg=f"{v.path}: tied copies differ")
     return Result(max_rel(models[0].get_weights(), want), floor, max_rel(initial, want), len(tied))
