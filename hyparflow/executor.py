@@ -242,7 +242,7 @@ class Executor:
         self.stage_compute[self.compute.stages[chunk]] += t1 - start[0]
         if self.timeline is not None:
             args = {"micro_batch": m, "stage": self.compute.stages[chunk]}
-            name = f"{_COMPUTE_NAMES[cat]} {m}" + (f" {'abcdefgh'[chunk]}" if len(self.compute.chunks) > 1 else "")
+            name = f"{_COMPUTE_NAMES[cat]} {m}" + (f" @{args['stage']}" if len(self.compute.chunks) > 1 else "")
             self.timeline.add(name, cat, start[0], t1, args)
 
     def _forward(self, step: _Step, k: int, m: int, mb: MicroBatch, norm: StepNorm) -> None:
